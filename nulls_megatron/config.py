@@ -1,0 +1,218 @@
+"""Run configuration: dataclasses with the defaults, loaded from YAML and validated.
+
+Every error names the file and the dotted field (``model.hidden_size``), says
+what is wrong and, for an unknown key, suggests the closest valid one.
+Overrides use the same dotted names: ``model.num_layers=4``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    """The LLaMA-style decoder (METHOD.md section 1)."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: int | None = None  # head dimension; hidden_size // num_attention_heads when unset
+    ffn_hidden_size: int = 2080  # I = n_backbone + n_pool
+    seq_length: int = 256
+    rotary_base: float = 10000.0
+    init_std: float = 0.02
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class NullsConfig:
+    """How the MLP width splits into backbone and sink pool, and how sinks are drawn."""
+
+    n_backbone: int = 32
+    n_pool: int = 2048
+    sinks_per_source: int = 32  # k: exactly this many distinct sinks per source
+    pool_shards: int = 1  # E: a source's sinks all lie in one of E equal shards
+    seed: int = 0  # seed of the sink assignment hash (not of the weights)
+    per_layer_sinks: bool = False  # False: the same sinks in every layer, as the paper
+
+    @property
+    def p_gen(self) -> float:
+        return self.n_backbone / (self.n_backbone + self.n_pool)
+
+    @property
+    def p_mem(self) -> float:
+        return self.sinks_per_source / self.n_pool
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    nulls: NullsConfig = field(default_factory=NullsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 1234  # weights and data order
+
+    def validate(self, origin: str = "config") -> "Config":
+        _validate(self, origin)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fail(origin: str, path: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{origin}: {path}: {message}")
+
+
+def _validate(cfg: Config, origin: str) -> None:
+    m, n, p = cfg.model, cfg.nulls, cfg.parallel
+    for section, name in ((m, "model"), (n, "nulls"), (p, "parallel")):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "seed" and value <= 0:
+                _fail(origin, f"{name}.{f.name}", f"must be > 0, got {value}")
+    for path, seed in (("seed", cfg.seed), ("nulls.seed", n.seed)):
+        if not 0 <= seed < 2**32:
+            _fail(origin, path, f"must be in [0, 2**32), got {seed}")
+    if n.n_backbone + n.n_pool != m.ffn_hidden_size:
+        _fail(
+            origin,
+            "nulls.n_backbone + nulls.n_pool",
+            f"{n.n_backbone} + {n.n_pool} = {n.n_backbone + n.n_pool} != model.ffn_hidden_size ({m.ffn_hidden_size})",
+        )
+    if n.n_pool % n.pool_shards:
+        _fail(origin, "nulls.pool_shards", f"{n.pool_shards} does not divide nulls.n_pool ({n.n_pool})")
+    shard = n.n_pool // n.pool_shards
+    if n.sinks_per_source > shard:
+        _fail(
+            origin,
+            "nulls.sinks_per_source",
+            f"{n.sinks_per_source} exceeds the shard size n_pool / pool_shards = {shard}",
+        )
+    if m.num_attention_heads % m.num_query_groups:
+        _fail(origin, "model.num_query_groups", f"{m.num_query_groups} does not divide model.num_attention_heads ({m.num_attention_heads})")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        _fail(origin, "model.kv_channels", f"unset, and hidden_size {m.hidden_size} is not a multiple of num_attention_heads {m.num_attention_heads}")
+    tp = p.tensor_parallel
+    for path, value in (
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_query_groups", m.num_query_groups),
+        ("nulls.n_backbone", n.n_backbone),
+        ("model.vocab_size", m.vocab_size),
+    ):
+        if value % tp:
+            _fail(origin, path, f"{value} is not divisible by parallel.tensor_parallel ({tp})")
+    if m.num_layers % p.pipeline_parallel:
+        _fail(origin, "model.num_layers", f"{m.num_layers} is not divisible by parallel.pipeline_parallel ({p.pipeline_parallel})")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, origin: str, path: str) -> Any:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, origin, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(origin, path, f"expected a mapping of {_type_name(tp)} fields, got {value!r}")
+        return _build(tp, value, origin, path + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(origin, path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(origin, path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(origin, path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(origin, path, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp} at {path}")
+
+
+def _build(cls: type, data: dict, origin: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            _fail(origin, f"{prefix}{key}", f"unknown field{hint}")
+    kwargs = {k: _coerce(v, hints[k], origin, f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """``["model.num_layers=4", "nulls.per_layer_sinks=true"]`` -> [(path, value)], values parsed as YAML."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    return parsed
+
+
+def config_from_dict(data: dict, origin: str = "config", overrides: Iterable[str] = ()) -> Config:
+    data = dict(data or {})
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    return _build(Config, data, origin).validate(origin)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config, apply ``dotted.key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return config_from_dict(data or {}, origin=str(path), overrides=overrides)

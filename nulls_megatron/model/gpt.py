@@ -1,0 +1,140 @@
+"""The NULLs GPT: Megatron-core's GPTModel with NULLs MLPs and source-aware forward.
+
+Source ids reach every layer this way: ``forward`` receives ``source_ids``
+[b, s] beside the input ids (every pipeline stage receives them from its data
+iterator, as it receives position ids and the attention mask), builds one
+:class:`SinkRouting` for the batch, and hands it to the model's shared
+:class:`RoutingContext`, which every NULLs MLP of the stage reads. The routing
+is built once per forward and reused by all layers; backward needs no routing
+(the sink kernel saves what it needs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config import Config
+from ..sinks.routing import SinkMode, SinkRouting
+from .attention_mask import block_causal_mask
+from .cpu_compat import apply_cpu_compat, cpu_transformer_config_overrides
+from .layer_spec import nulls_gpt_layer_spec
+from .nulls_mlp import NullsMegatronMLP, RoutingContext
+
+
+def transformer_config(cfg: Config, **overrides) -> TransformerConfig:
+    """Megatron TransformerConfig for ``cfg`` (fp32 and CPU-safe settings when CUDA is absent)."""
+    m, p = cfg.model, cfg.parallel
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        sequence_parallel=False,
+    )
+    if apply_cpu_compat():
+        kwargs.update(cpu_transformer_config_overrides())
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+class NullsGPTModel(GPTModel):
+    def __init__(self, config: TransformerConfig, cfg: Config, pre_process: bool = True, post_process: bool = True):
+        if config.sequence_parallel or config.context_parallel_size > 1:
+            raise NotImplementedError("the NULLs routing assumes every rank holds whole sequences: no sequence/context parallelism yet")
+        super().__init__(
+            config=config,
+            transformer_layer_spec=nulls_gpt_layer_spec(cfg.nulls),
+            vocab_size=cfg.model.vocab_size,
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rotary_base),
+        )
+        self.cfg = cfg
+        self.routing_context = RoutingContext()
+        for module in self.modules():
+            if isinstance(module, NullsMegatronMLP):
+                module.routing_context = self.routing_context
+
+    def nulls_mlps(self) -> list[NullsMegatronMLP]:
+        return [m for m in self.modules() if isinstance(m, NullsMegatronMLP)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        source_ids: torch.Tensor,
+        sink_mode: SinkMode | str = SinkMode.TRAIN,
+        route_sources: torch.Tensor | int | None = None,
+        document_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Loss per token [b, s] when ``labels`` are given, else logits.
+
+        Args:
+            source_ids: [b, s] the source of every token (packed rows may hold several).
+            sink_mode: ``train`` (own sinks), ``route`` (the sinks of ``route_sources``:
+                one id, or [b, s]), ``expected`` or ``backbone``.
+            document_ids: [b, s] document boundaries for the attention mask when two
+                documents of one source sit side by side; defaults to ``source_ids``.
+            attention_mask: overrides the block-diagonal causal mask.
+        """
+        batch, seq = source_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=source_ids.device).unsqueeze(0).expand(batch, -1)
+        if attention_mask is None:
+            attention_mask = block_causal_mask(document_ids if document_ids is not None else source_ids)
+        self.routing_context.routing = self._routing(source_ids, SinkMode(sink_mode), route_sources)
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+        finally:
+            self.routing_context.routing = None
+
+    @staticmethod
+    def _routing(source_ids: torch.Tensor, mode: SinkMode, route_sources) -> SinkRouting:
+        # Inside the decoder hidden states are [s, b, h]: tokens flatten sequence-major.
+        if mode is SinkMode.TRAIN:
+            return SinkRouting.train(source_ids.t().reshape(-1))
+        if mode is SinkMode.ROUTE:
+            if route_sources is None:
+                raise ValueError("sink_mode='route' needs route_sources (one source id or [b, s] ids)")
+            if isinstance(route_sources, int):
+                return SinkRouting.route(route_sources, like=source_ids.reshape(-1))
+            if route_sources.shape != source_ids.shape:
+                raise ValueError(f"route_sources {tuple(route_sources.shape)} must match source_ids {tuple(source_ids.shape)}")
+            return SinkRouting.route(route_sources.t().reshape(-1))
+        if mode is SinkMode.EXPECTED:
+            return SinkRouting.expected()
+        return SinkRouting.backbone_only()
+
+
+def build_nulls_gpt(cfg: Config, **config_overrides) -> NullsGPTModel:
+    """The model for this pipeline stage; model parallelism must be initialised first."""
+    config = transformer_config(cfg, **config_overrides)
+    return NullsGPTModel(
+        config,
+        cfg,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )

@@ -1,0 +1,40 @@
+"""Megatron-core layer spec of a NULLs GPT layer: the local GPT layer with a NULLs MLP."""
+from __future__ import annotations
+
+import copy
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from ..config import NullsConfig
+from ..sinks.assignment import SinkAssignment
+from .nulls_mlp import NullsMegatronMLP
+
+
+def sink_assignment(nulls: NullsConfig) -> SinkAssignment:
+    return SinkAssignment(
+        n_pool=nulls.n_pool,
+        sinks_per_source=nulls.sinks_per_source,
+        n_shards=nulls.pool_shards,
+        seed=nulls.seed,
+        per_layer=nulls.per_layer_sinks,
+    )
+
+
+def nulls_gpt_layer_spec(nulls: NullsConfig) -> ModuleSpec:
+    """RMSNorm, RoPE, grouped-query attention and the NULLs MLP.
+
+    Attention takes an explicit mask (``arbitrary``) so that packed rows get the
+    block-diagonal causal mask on every softmax path, fused or not.
+    """
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}
+    spec.submodules.mlp = ModuleSpec(
+        module=NullsMegatronMLP,
+        params={"assignment": sink_assignment(nulls), "n_backbone": nulls.n_backbone},
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+    )
+    return spec

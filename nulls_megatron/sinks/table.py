@@ -1,0 +1,106 @@
+"""The sink table of one layer: the pool neurons, one row each, and their forward.
+
+Row ``r`` of ``weight`` ([n_pool, 3, d]) holds pool neuron ``r``: its gate
+weight (a row of W1), its up weight (a row of W3) and its down weight (a column
+of W2). Storing a neuron's three slices together lets a source's ``k`` sinks be
+gathered in one ``index_select`` (and sharded by rows across devices like an
+embedding table). ``disabled`` marks the sinks of forgotten sources; they are
+off in every mode.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kernels.grouped_sink_swiglu import grouped_sink_swiglu
+
+from .assignment import SinkAssignment
+from .routing import SinkMode, SinkRouting
+
+InitMethod = Callable[[torch.Tensor], object]
+
+
+def normal_init(std: float) -> InitMethod:
+    return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=std)
+
+
+class SinkTable(nn.Module):
+    def __init__(
+        self,
+        assignment: SinkAssignment,
+        hidden_size: int,
+        n_backbone: int,
+        layer_number: int = 0,
+        init_method: InitMethod | None = None,
+        output_init_method: InitMethod | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if n_backbone < 1:
+            raise ValueError(f"n_backbone must be >= 1, got {n_backbone}")
+        self.assignment = assignment
+        self.hidden_size = hidden_size
+        self.n_backbone = n_backbone
+        self.layer_number = layer_number
+        self.weight = nn.Parameter(torch.empty(assignment.n_pool, 3, hidden_size, dtype=dtype, device=device))
+        self.register_buffer("disabled", torch.zeros(assignment.n_pool, dtype=torch.bool, device=device))
+        self._init_method = init_method or normal_init(0.02)
+        self._output_init_method = output_init_method or self._init_method
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            # Initialised as the whole [n_pool, d] W1, W3 and [d, n_pool] W2 would be,
+            # so a dense layer and a sink table of the same seed hold the same numbers.
+            for slot, init in ((0, self._init_method), (1, self._init_method)):
+                full = torch.empty_like(self.weight[:, slot])
+                init(full)
+                self.weight[:, slot] = full
+            w2 = torch.empty(self.hidden_size, self.assignment.n_pool, dtype=self.weight.dtype, device=self.weight.device)
+            self._output_init_method(w2)
+            self.weight[:, 2] = w2.t()
+
+    @property
+    def p_mem(self) -> float:
+        return self.assignment.sinks_per_source / self.assignment.n_pool
+
+    @property
+    def p_gen(self) -> float:
+        return self.n_backbone / (self.n_backbone + self.assignment.n_pool)
+
+    def backbone_scale(self, routing: SinkRouting) -> float:
+        """Factor on the backbone activations: (p_gen + p_mem) / p_gen in backbone-only mode, else 1."""
+        if routing.mode is SinkMode.BACKBONE:
+            return (self.p_gen + self.p_mem) / self.p_gen
+        return 1.0
+
+    def forward(self, x: torch.Tensor, routing: SinkRouting) -> torch.Tensor | None:
+        """Sink contribution to the MLP output for tokens ``x`` [T, d], or None when sinks are off."""
+        if routing.mode is SinkMode.BACKBONE:
+            return None
+        if routing.mode is SinkMode.EXPECTED:
+            gates = (~self.disabled).to(x.dtype) * self.p_mem
+            w = self.weight
+            h = nn.functional.silu(x @ w[:, 0].t()) * (x @ w[:, 1].t()) * gates
+            return h @ w[:, 2]
+        plan = routing.plan
+        routing.check_tokens(x.shape[0])
+        rows = plan.rows(self.assignment, self.layer_number)
+        gates = (~self.disabled[rows]).to(x.dtype)
+        return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates)
+
+    def extra_repr(self) -> str:
+        a = self.assignment
+        return (
+            f"n_pool={a.n_pool}, k={a.sinks_per_source}, shards={a.n_shards}, d={self.hidden_size}, "
+            f"layer={self.layer_number}, disabled={int(self.disabled.sum())}"
+        )
+
+
+def scaled_init_std(init_std: float, num_layers: int) -> float:
+    """Std of output projections in Megatron's default init: init_std / sqrt(2 * num_layers)."""
+    return init_std / math.sqrt(2.0 * num_layers)

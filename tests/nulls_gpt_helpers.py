@@ -1,0 +1,70 @@
+"""Shared pieces of the NULLs GPT tests: a tiny config, packed batches, TP gathers.
+
+Module-level so that spawned ranks can import them.
+"""
+from __future__ import annotations
+
+import torch
+
+from nulls_megatron.config import config_from_dict
+
+VOCAB, SEQ, BATCH = 128, 32, 2
+
+
+def tiny_config(tensor_parallel: int = 1, per_layer_sinks: bool = False):
+    return config_from_dict(
+        {
+            "model": {
+                "vocab_size": VOCAB,
+                "hidden_size": 64,
+                "num_layers": 2,
+                "num_attention_heads": 4,
+                "num_query_groups": 2,
+                "ffn_hidden_size": 8 + 192,
+                "seq_length": SEQ,
+                "init_std": 0.1,  # larger than usual so that the sinks matter in a few steps
+            },
+            "nulls": {"n_backbone": 8, "n_pool": 192, "sinks_per_source": 12, "pool_shards": 2, "per_layer_sinks": per_layer_sinks},
+            "parallel": {"tensor_parallel": tensor_parallel},
+        }
+    )
+
+
+def packed_batch(seed: int = 0):
+    """Two packed rows: row 0 holds sources 7 | 3 | 900001, row 1 holds 3 (continued) | 42."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+    sources = torch.empty(BATCH, SEQ, dtype=torch.int64)
+    sources[0, :10], sources[0, 10:20], sources[0, 20:] = 7, 3, 900_001
+    sources[1, :5], sources[1, 5:] = 3, 42
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), sources
+
+
+def init_single_process_megatron(tensor_parallel: int = 1, seed: int = 1234) -> None:
+    from megatron.core import parallel_state
+
+    from nulls_megatron.model.cpu_compat import model_parallel_seed
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    model_parallel_seed(seed)
+
+
+def gather_full(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """Reassemble a tensor-parallel shard (weight or grad) into the full TP=1 tensor.
+
+    Megatron splits a master weight along ``partition_dim`` into ``stride * W``
+    chunks and gives rank r the chunks r, r + W, ... (``stride=2`` for the gated
+    fc1: gate and up chunks).
+    """
+    from megatron.core import parallel_state
+
+    if not getattr(param, "tensor_model_parallel", False):
+        return tensor.detach().clone()
+    world = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group()
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    shards = [torch.empty_like(tensor) for _ in range(world)]
+    torch.distributed.all_gather(shards, tensor.detach().contiguous(), group=group)
+    pieces = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(world)], dim=dim)
