@@ -1,0 +1,130 @@
+"""Environment detection for distributed runs: backend, ports, and
+``torch.distributed`` initialisation from torchrun or SLURM variables.
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``.  Under ``srun`` without torchrun only SLURM's own variables
+exist; ``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID`` stand in for the
+first three, the first host of ``SLURM_JOB_NODELIST`` for ``MASTER_ADDR`` and a
+port derived from ``SLURM_JOB_ID`` for ``MASTER_PORT`` (every task of a job
+derives the same one).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_MASTER_PORT = 29500
+
+
+def distributed_backend() -> str:
+    """``"nccl"`` when CUDA is available, else ``"gloo"``."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now (the OS picks it).
+
+    Another process may take it before it is bound again; for local launches
+    that window is a few milliseconds.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: ``"gpu[03-05,09],cpu1"`` -> ``"gpu03"``."""
+    first = re.match(r"([^,\[]+)(\[([^\]]*)\])?", nodelist.strip())
+    if first is None:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, _, ranges = first.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def read_dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Rank, world size, local rank and rendezvous address from the environment.
+
+    torchrun variables win; SLURM variables fill in what is missing; with
+    neither, this is a single process (rank 0 of 1) on 127.0.0.1.
+    """
+    env = os.environ if environ is None else environ
+
+    def pick(torchrun_name: str, slurm_name: str, default: str) -> str:
+        return env.get(torchrun_name) or env.get(slurm_name) or default
+
+    rank = int(pick("RANK", "SLURM_PROCID", "0"))
+    world_size = int(pick("WORLD_SIZE", "SLURM_NTASKS", "1"))
+    local_rank = int(pick("LOCAL_RANK", "SLURM_LOCALID", "0"))
+    master_addr = env.get("MASTER_ADDR")
+    if not master_addr:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if nodelist and int(env.get("SLURM_NNODES", "2")) > 1:
+            master_addr = first_slurm_host(nodelist)
+        else:
+            master_addr = "127.0.0.1"
+    if env.get("MASTER_PORT"):
+        master_port = int(env["MASTER_PORT"])
+    elif env.get("SLURM_JOB_ID"):
+        master_port = 15000 + int(env["SLURM_JOB_ID"]) % 20000
+    else:
+        master_port = DEFAULT_MASTER_PORT
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return DistEnv(rank, world_size, local_rank, master_addr, master_port)
+
+
+def init_distributed_from_env(
+    backend: Optional[str] = None, timeout: Optional[timedelta] = None
+) -> DistEnv:
+    """Initialise ``torch.distributed`` from torchrun/SLURM variables.
+
+    Uses :func:`distributed_backend` unless ``backend`` is given, and on GPU
+    selects the CUDA device ``LOCAL_RANK`` first.  Exports the resolved
+    ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` so
+    that libraries reading them see the same values.  Does nothing if a
+    default process group already exists (returns the detected environment).
+    """
+    info = read_dist_env()
+    if dist.is_initialized():
+        return info
+    backend = backend or distributed_backend()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    os.environ.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK=str(info.local_rank),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{info.master_addr}:{info.master_port}",
+        rank=info.rank,
+        world_size=info.world_size,
+        **kwargs,
+    )
+    return info

@@ -1,0 +1,208 @@
+"""Make Megatron-core 0.16.1 run on a CPU-only torch (gloo, no CUDA).
+
+``apply_cpu_compat()`` installs a few targeted patches, only when CUDA is
+absent, and is idempotent.  ``cpu_transformer_config_overrides()`` gives the
+``TransformerConfig`` kwargs CPU needs, and ``model_parallel_seed(seed)`` is
+the CPU counterpart of ``tensor_parallel.model_parallel_cuda_manual_seed``.
+On a GPU machine nothing is patched and ``model_parallel_seed`` calls Megatron's
+own function.  docs/megatron_cpu.md lists the patches and what stays
+unsupported (pipeline schedules need more; see that page).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+
+
+def cpu_transformer_config_overrides() -> dict:
+    """``TransformerConfig`` kwargs for a CPU-only run (all fused/CUDA paths off).
+
+    Every key exists in megatron-core 0.16.1's ``TransformerConfig`` or
+    ``ModelParallelConfig``; use with the layer spec from
+    ``get_gpt_layer_local_spec()`` (the Transformer Engine spec needs TE).
+    """
+    return dict(
+        # Build the full master weight on CPU and give each TP rank its slice:
+        # same weights at every TP size (the "GPU" path would init each shard
+        # under the per-rank model-parallel RNG stream instead).
+        use_cpu_initialization=True,
+        # Fused kernels: Apex/TE/CUDA extensions, none of which exist on CPU.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        memory_efficient_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        use_fused_weighted_squared_relu=False,
+        fused_single_qkv_rope=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        moe_grouped_gemm=False,
+        cross_entropy_loss_fusion=False,
+        # Transformer Engine / CUDA-only features.
+        use_te_rng_tracker=False,
+        use_te_activation_func=False,
+        tp_comm_overlap=False,
+        enable_cuda_graph=False,
+        cuda_graph_impl="none",
+        # Sequence parallelism needs TE's LayerNorm / CUDA buffers.
+        sequence_parallel=False,
+    )
+
+
+def _cpu_rng_tracker_class():
+    """A ``CudaRNGStatesTracker`` whose named states are CPU generator states.
+
+    Kept a subclass so that Megatron's ``isinstance(..., CudaRNGStatesTracker)``
+    checks still hold.  Without it, ``add`` (called by
+    ``model_parallel_cuda_manual_seed``) fails with
+    ``AssertionError: Torch not compiled with CUDA enabled`` on
+    ``torch.cuda.get_rng_state()``, and ``fork`` (used for dropout inside
+    tensor-parallel regions) fails the same way in ``_get_cuda_rng_state``.
+    """
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """RNG tracker keeping CPU ``torch.Generator`` states."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator(device="cpu").manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            # Same protocol as the CUDA tracker, on the default CPU generator:
+            # swap the named state in, run, store it back, restore the caller's.
+            # (The CUDA version also warns when the CPU state changes inside the
+            # fork; here that is the point, so there is no such check.)
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig_state = torch.get_rng_state()
+            orig_name = self._current_state_name
+            if orig_name != "default-rng":
+                self.states_[orig_name] = orig_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                if self._current_state_name != name:
+                    raise Exception(
+                        f"current state name {self._current_state_name} is not the same as "
+                        f"the desired state name {name}."
+                    )
+                self.states_[name] = torch.get_rng_state()
+                if orig_name != "default-rng":
+                    orig_state = self.states_[orig_name]
+                torch.set_rng_state(orig_state)
+                self._current_state_name = orig_name
+
+    return CpuRNGStatesTracker
+
+
+def _cpu_current_device() -> str:
+    return "cpu"
+
+
+def apply_cpu_compat() -> bool:
+    """Patch Megatron-core for a CPU-only torch; no-op (False) when CUDA exists.
+
+    Returns True when the patches are in place (also on repeated calls).
+    Call it before building models or seeding; it is cheap to call again.
+    """
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    # 1. torch.cuda.current_device() -> "cpu".  Megatron passes it as `device=`
+    #    in rotary embeddings (rotary_pos_embedding.py:162, `inv_freq.to(...)`),
+    #    attention, gather/split buffers (tensor_parallel/mappings.py, utils.py)
+    #    and ColumnParallelLinear; on a CPU torch each raises
+    #    `AssertionError: Torch not compiled with CUDA enabled`.  Megatron calls
+    #    it as `torch.cuda.current_device()` from a dozen modules, so the
+    #    attribute on torch.cuda is the one place to change.  Safe: with CUDA
+    #    absent nothing else can use a CUDA device index.
+    torch.cuda.current_device = _cpu_current_device
+
+    # 2. RNG tracker on CPU generator states.  Megatron creates its tracker in
+    #    initialize_rng_tracker() from the module global `CudaRNGStatesTracker`,
+    #    so rebinding that global is the narrowest point: every tracker created
+    #    afterwards (get_cuda_rng_tracker, model_parallel_cuda_manual_seed) is a
+    #    CPU one, and no other code changes.  A CUDA tracker created earlier is
+    #    dropped (it could not have held any state: `add` fails without CUDA).
+    mp_random.CudaRNGStatesTracker = _cpu_rng_tracker_class()
+    if mp_random._CUDA_RNG_STATE_TRACKER is not None and not isinstance(
+        mp_random._CUDA_RNG_STATE_TRACKER, mp_random.CudaRNGStatesTracker
+    ):
+        mp_random.initialize_rng_tracker(force_reset=True)
+
+    # 3. The "CUDA" RNG state saved/restored around activation recompute
+    #    (CheckpointFunction via _get_all_rng_states/_set_all_rng_states) is the
+    #    CPU generator's.  Without this, recompute_granularity="full" fails with
+    #    `AssertionError: Torch not compiled with CUDA enabled` in
+    #    torch.cuda.random.get_rng_state.  (The CPU tracker above does not use
+    #    these two functions.)
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # 4. The causal mask built when no attention_mask is passed
+    #    (FusedScaleMaskSoftmax.forward_torch_softmax, the unfused path) is
+    #    allocated with device="cuda" (transformer/utils.py:35): `AssertionError:
+    #    Torch not compiled with CUDA enabled`.  fused_softmax imported the
+    #    functions by name, so patch them there (and in transformer.utils for
+    #    other callers).  Passing an explicit attention_mask avoids this path.
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    def get_sliding_window_causal_mask(sq, skv, window_size):
+        m = torch.ones(sq, skv, dtype=torch.bool)
+        mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+        return ~torch.tril(mu, diagonal=skv - sq + window_size[1])
+
+    for module in (fused_softmax, transformer_utils):
+        module.get_default_causal_mask = get_default_causal_mask
+        module.get_sliding_window_causal_mask = get_sliding_window_causal_mask
+
+    _APPLIED = True
+    logger.info("Megatron-core CPU compatibility patches applied")
+    return True
+
+
+def model_parallel_seed(seed: int) -> None:
+    """Seed the default and the model-parallel RNG streams (CPU or GPU).
+
+    On CPU this is ``model_parallel_cuda_manual_seed`` with CPU generators: the
+    default generator gets ``seed`` (same on every TP rank: weight init with
+    ``use_cpu_initialization``, dropout outside TP regions), and the tracker
+    gets the streams Megatron defines -- ``model-parallel-rng`` =
+    ``seed + 2718 + tp_rank`` (dropout inside TP regions: differs per TP rank),
+    ``data-parallel-rng`` = ``seed`` and ``expert-parallel-rng``.
+    Call after ``parallel_state.initialize_model_parallel``.
+    """
+    from megatron.core.tensor_parallel import random as mp_random
+
+    apply_cpu_compat()
+    # Megatron seeds the default stream with torch.cuda.manual_seed, a silent
+    # no-op without CUDA; on CPU the default stream is the CPU generator.  (On
+    # GPU this also seeds the CPU generator, used by use_cpu_initialization.)
+    torch.manual_seed(seed)
+    mp_random.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
