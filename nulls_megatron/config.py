@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,10 +158,19 @@ def _coerce(value: Any, tp: Any, origin: str, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(origin, path, f"expected a number, got {value!r}")
         return float(value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            _fail(origin, path, f"expected one of {', '.join(str(v.value) for v in tp)}, got {value!r}")
     if tp is str:
         if not isinstance(value, str):
             _fail(origin, path, f"expected a string, got {value!r}")
         return value
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            _fail(origin, path, f"expected a list, got {value!r}")
+        return [_coerce(item, args[0], origin, f"{path}[{i}]") for i, item in enumerate(value)]
     raise TypeError(f"unsupported config field type {tp} at {path}")
 
 
@@ -197,15 +207,19 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def config_from_dict(data: dict, origin: str = "config", overrides: Iterable[str] = ()) -> Config:
+def dataclass_from_dict(cls: type, data: dict | None, origin: str = "config", overrides: Iterable[str] = ()) -> Any:
+    """Build dataclass ``cls`` from a mapping, with dotted overrides and error messages naming
+    ``origin`` and the field. Calls ``validate(origin)`` when the dataclass has one."""
     data = dict(data or {})
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
-    return _build(Config, data, origin).validate(origin)
+    obj = _build(cls, data, origin)
+    validate = getattr(obj, "validate", None)
+    return validate(origin) if callable(validate) else obj
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config, apply ``dotted.key=value`` overrides, validate."""
+def load_yaml_dataclass(cls: type, path: str | Path, overrides: Iterable[str] = ()) -> Any:
+    """Read a YAML file into dataclass ``cls``, apply ``dotted.key=value`` overrides, validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -215,4 +229,13 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return config_from_dict(data or {}, origin=str(path), overrides=overrides)
+    return dataclass_from_dict(cls, data, origin=str(path), overrides=overrides)
+
+
+def config_from_dict(data: dict, origin: str = "config", overrides: Iterable[str] = ()) -> Config:
+    return dataclass_from_dict(Config, data, origin, overrides)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read the model/run config from YAML, apply overrides, validate."""
+    return load_yaml_dataclass(Config, path, overrides)

@@ -10,18 +10,8 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config import NullsConfig
-from ..sinks.assignment import SinkAssignment
+from ..sinks.assignment import assignment_from_config
 from .nulls_mlp import NullsMegatronMLP
-
-
-def sink_assignment(nulls: NullsConfig) -> SinkAssignment:
-    return SinkAssignment(
-        n_pool=nulls.n_pool,
-        sinks_per_source=nulls.sinks_per_source,
-        n_shards=nulls.pool_shards,
-        seed=nulls.seed,
-        per_layer=nulls.per_layer_sinks,
-    )
 
 
 def nulls_gpt_layer_spec(nulls: NullsConfig) -> ModuleSpec:
@@ -34,7 +24,7 @@ def nulls_gpt_layer_spec(nulls: NullsConfig) -> ModuleSpec:
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}
     spec.submodules.mlp = ModuleSpec(
         module=NullsMegatronMLP,
-        params={"assignment": sink_assignment(nulls), "n_backbone": nulls.n_backbone},
+        params={"assignment": assignment_from_config(nulls), "n_backbone": nulls.n_backbone},
         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
     )
     return spec

@@ -1,0 +1,100 @@
+"""Forward+backward time of the NULLs MLP against two baselines, in one run.
+
+- masked-dense: the paper's way, all I neurons computed then multiplied by the
+  0/1 mask (the mask is built outside the timed region, to the baseline's favour);
+- dense-active: a plain SwiGLU of the live width ``n_backbone + k``: what a token
+  really uses, the floor for any sparse scheme.
+
+The NULLs MLP is timed including the per-batch routing plan (in a model it is
+built once and shared by every layer, so this overstates its cost).
+Shapes keep the paper's ratios (n_backbone / I = 0.061, k / n_pool = 0.013).
+
+    python benchmarks/nulls_mlp.py [--hidden 256] [--width 2048] [--tokens 4096] [--sources 1,4,16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nulls_megatron.sinks.assignment import SinkAssignment  # noqa: E402
+from nulls_megatron.sinks.mlp import NullsMLP  # noqa: E402
+from nulls_megatron.sinks.reference import dense_weights, masked_dense_swiglu, neuron_mask  # noqa: E402
+from nulls_megatron.sinks.routing import SinkRouting  # noqa: E402
+from nulls_megatron.sinks.table import normal_init  # noqa: E402
+
+P_GEN, P_MEM = 0.061, 0.013
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--width", type=int, default=2048, help="MLP width I = n_backbone + n_pool")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--sources", default="1,4,16")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    d, width, tokens = args.hidden, args.width, args.tokens
+    n_backbone = round(P_GEN * width)
+    n_pool = width - n_backbone
+    k = round(P_MEM * n_pool)
+    active = n_backbone + k
+    torch.manual_seed(0)
+    init = normal_init(d**-0.5)
+    mlp = NullsMLP(d, n_backbone, SinkAssignment(n_pool, k), init_method=init)
+    w1, w3, w2 = (w.detach().clone().requires_grad_(True) for w in dense_weights(mlp.backbone_fc1, mlp.backbone_fc2, mlp.sinks.weight))
+    dense_fc1 = torch.randn(2 * active, d).mul_(d**-0.5).requires_grad_(True)
+    dense_fc2 = torch.randn(d, active).mul_(active**-0.5).requires_grad_(True)
+    x = torch.randn(tokens, d, requires_grad=True)
+    grad = torch.randn(tokens, d)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={d} I={width} n_backbone={n_backbone} "
+          f"n_pool={n_pool} k={k} (live width {active}, {active / width:.1%} of I); {tokens} tokens fwd+bwd, "
+          f"median of {args.repeats}")
+    print(f"{'sources':>8} {'masked-dense ms':>16} {'dense-active ms':>16} {'NULLs ms':>10} {'vs masked-dense':>16} {'vs dense-active':>16}")
+    speedups, slowdowns = [], []
+    for n_sources in [int(s) for s in args.sources.split(",")]:
+        # contiguous documents of (nearly) equal length, as packed rows deliver them
+        sources = (torch.arange(tokens) * n_sources // tokens) * 7919 + 11
+        mask = neuron_mask(SinkRouting.train(sources), sources, mlp.sinks, tokens)
+
+        def run_masked_dense():
+            masked_dense_swiglu(x, w1, w3, w2, mask).backward(grad)
+
+        def run_dense_active():
+            gate, up = (x @ dense_fc1.t()).chunk(2, dim=-1)
+            ((F.silu(gate) * up) @ dense_fc2.t()).backward(grad)
+
+        def run_nulls():
+            mlp(x, SinkRouting.train(sources)).backward(grad)
+
+        t_masked = median_ms(run_masked_dense, max(3, args.repeats // 3))
+        t_dense = median_ms(run_dense_active, args.repeats)
+        t_nulls = median_ms(run_nulls, args.repeats)
+        speedups.append(t_masked / t_nulls)
+        slowdowns.append(t_nulls / t_dense)
+        print(f"{n_sources:>8} {t_masked:>16.1f} {t_dense:>16.1f} {t_nulls:>10.1f} {speedups[-1]:>15.2f}x {slowdowns[-1]:>15.2f}x")
+    print(f"RESULT speedup_vs_masked_dense={min(speedups):.2f} slowdown_vs_dense_active={max(slowdowns):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: packing, loop, engines, tracking."""
