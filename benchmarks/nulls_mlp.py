@@ -33,15 +33,19 @@ from nulls_megatron.sinks.table import normal_init  # noqa: E402
 P_GEN, P_MEM = 0.061, 0.013
 
 
-def median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms of each function, timed in turn within every repeat so that load
+    from other processes hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -50,7 +54,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048, help="MLP width I = n_backbone + n_pool")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--sources", default="1,4,16")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()
 
     d, width, tokens = args.hidden, args.width, args.tokens
@@ -87,9 +91,9 @@ def main() -> None:
         def run_nulls():
             mlp(x, SinkRouting.train(sources)).backward(grad)
 
-        t_masked = median_ms(run_masked_dense, max(3, args.repeats // 3))
-        t_dense = median_ms(run_dense_active, args.repeats)
-        t_nulls = median_ms(run_nulls, args.repeats)
+        t_masked = interleaved_medians({"masked": run_masked_dense}, max(3, args.repeats // 3), warmup=1)["masked"]
+        fast = interleaved_medians({"dense": run_dense_active, "nulls": run_nulls}, args.repeats)
+        t_dense, t_nulls = fast["dense"], fast["nulls"]
         speedups.append(t_masked / t_nulls)
         slowdowns.append(t_nulls / t_dense)
         print(f"{n_sources:>8} {t_masked:>16.1f} {t_dense:>16.1f} {t_nulls:>10.1f} {speedups[-1]:>15.2f}x {slowdowns[-1]:>15.2f}x")

@@ -34,63 +34,82 @@ def _gather_rows(table: torch.Tensor, row_ids: torch.Tensor) -> tuple[torch.Tens
 
 
 class _GroupedSinkSwiGLU(torch.autograd.Function):
+    # Matmuls run per group (each group has its own rows); every elementwise step runs
+    # once over all tokens, with each token's gates expanded from its group's.
     @staticmethod
-    def forward(ctx, x, table, perm, offsets, row_ids, gates):  # type: ignore[override]
+    def forward(ctx, x, table, perm, offsets, row_ids, gates, base):  # type: ignore[override]
+        n_groups, k = row_ids.shape
         w13, w2 = _gather_rows(table, row_ids)
         x_sorted = x if perm is None else x.index_select(0, perm)
-        pre = x_sorted.new_empty(x_sorted.shape[0], w13.shape[1])
-        y_sorted = torch.empty_like(x_sorted)
-        k = row_ids.shape[1]
-        for u in range(len(offsets) - 1):
+        n_tokens = x_sorted.shape[0]
+        counts = torch.tensor([hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])], device=x.device)
+        token_gates = gates.repeat_interleave(counts, dim=0, output_size=n_tokens)
+        pre = x_sorted.new_empty(n_tokens, 2 * k)
+        for u in range(n_groups):
             lo, hi = offsets[u], offsets[u + 1]
-            if lo == hi:
-                continue
             torch.matmul(x_sorted[lo:hi], w13[u].t(), out=pre[lo:hi])
-            ab = pre[lo:hi].view(hi - lo, k, 2)
-            h = F.silu(ab[..., 0]) * ab[..., 1] * gates[u]
-            torch.matmul(h, w2[u], out=y_sorted[lo:hi])
-        y = y_sorted if perm is None else torch.empty_like(y_sorted).index_copy_(0, perm, y_sorted)
-        ctx.save_for_backward(x_sorted, pre, w13, w2, perm, row_ids, gates)
+        ab = pre.view(n_tokens, k, 2)
+        h = F.silu(ab[..., 0]).mul_(ab[..., 1]).mul_(token_gates)
+        y_sorted = torch.empty_like(x_sorted)
+        # With tokens already grouped, the GEMM adds ``base`` for free (beta = 1).
+        fold_base = base is not None and perm is None
+        for u in range(n_groups):
+            lo, hi = offsets[u], offsets[u + 1]
+            if fold_base:
+                torch.addmm(base[lo:hi], h[lo:hi], w2[u], out=y_sorted[lo:hi])
+            else:
+                torch.matmul(h[lo:hi], w2[u], out=y_sorted[lo:hi])
+        if perm is None:
+            y = y_sorted
+        elif base is not None:
+            y = base.index_add(0, perm, y_sorted)
+        else:
+            y = torch.empty_like(y_sorted).index_copy_(0, perm, y_sorted)
+        ctx.save_for_backward(x_sorted, pre, token_gates, w13, w2, perm, row_ids)
         ctx.offsets = offsets
         ctx.table_shape = table.shape
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x_sorted, pre, w13, w2, perm, row_ids, gates = ctx.saved_tensors
+        x_sorted, pre, token_gates, w13, w2, perm, row_ids = ctx.saved_tensors
         offsets = ctx.offsets
         n_groups, k = row_ids.shape
+        n_tokens = x_sorted.shape[0]
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy_sorted = grad_y if perm is None else grad_y.index_select(0, perm)
-        dx_sorted = torch.zeros_like(x_sorted) if need_x else None
-        d_w13 = torch.zeros_like(w13) if need_table else None
-        d_w2 = torch.zeros_like(w2) if need_table else None
+        dh = x_sorted.new_empty(n_tokens, k)
         for u in range(n_groups):
             lo, hi = offsets[u], offsets[u + 1]
-            if lo == hi:
-                continue
-            ab = pre[lo:hi].view(hi - lo, k, 2)
-            a, b = ab[..., 0], ab[..., 1]
-            sig = torch.sigmoid(a)
-            silu_a = a * sig
-            dy = dy_sorted[lo:hi]
-            dh = torch.matmul(dy, w2[u].t()) * gates[u]
-            d_ab = torch.stack((dh * b * sig * (1 + a * (1 - sig)), dh * silu_a), dim=-1).view(hi - lo, 2 * k)
-            if need_x:
-                torch.matmul(d_ab, w13[u], out=dx_sorted[lo:hi])
-            if need_table:
-                h = silu_a * b * gates[u]
-                torch.matmul(h.t(), dy, out=d_w2[u])
-                torch.matmul(d_ab.t(), x_sorted[lo:hi], out=d_w13[u])
-        grad_x = None
+            torch.matmul(dy_sorted[lo:hi], w2[u].t(), out=dh[lo:hi])
+        dh.mul_(token_gates)
+        ab = pre.view(n_tokens, k, 2)
+        a, b = ab[..., 0], ab[..., 1]
+        sig = torch.sigmoid(a)
+        silu_a = a * sig
+        d_ab = x_sorted.new_empty(n_tokens, k, 2)
+        # d silu(a) / da = sig * (1 + a * (1 - sig))
+        torch.mul(dh * b, sig * (1 + a * (1 - sig)), out=d_ab[..., 0])
+        torch.mul(dh, silu_a, out=d_ab[..., 1])
+        d_ab = d_ab.view(n_tokens, 2 * k)
+        grad_x = grad_table = None
         if need_x:
+            dx_sorted = torch.empty_like(x_sorted)
+            for u in range(n_groups):
+                lo, hi = offsets[u], offsets[u + 1]
+                torch.matmul(d_ab[lo:hi], w13[u], out=dx_sorted[lo:hi])
             grad_x = dx_sorted if perm is None else torch.empty_like(dx_sorted).index_copy_(0, perm, dx_sorted)
-        grad_table = None
         if need_table:
-            d_rows = torch.cat((d_w13.view(n_groups, k, 2, -1), d_w2.unsqueeze(2)), dim=2)
+            h = silu_a.mul_(b).mul_(token_gates)
+            d_rows = x_sorted.new_empty(n_groups, k, 3, x_sorted.shape[1])
+            for u in range(n_groups):
+                lo, hi = offsets[u], offsets[u + 1]
+                d_rows[u, :, :2] = (d_ab[lo:hi].t() @ x_sorted[lo:hi]).view(k, 2, -1)
+                torch.matmul(h[lo:hi].t(), dy_sorted[lo:hi], out=d_rows[u, :, 2])
             grad_table = d_rows.new_zeros(ctx.table_shape)
             grad_table.index_add_(0, row_ids.reshape(-1), d_rows.view(n_groups * k, 3, -1))
-        return grad_x, grad_table, None, None, None, None
+        grad_base = grad_y if ctx.needs_input_grad[6] else None
+        return grad_x, grad_table, None, None, None, None, grad_base
 
 
 def grouped_sink_swiglu(
@@ -100,8 +119,9 @@ def grouped_sink_swiglu(
     offsets: list[int],
     row_ids: torch.Tensor,
     gates: torch.Tensor,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sink output for every token, in the tokens' original order.
+    """Sink output for every token, in the tokens' original order, plus ``base``.
 
     Args:
         x: [T, d] token activations.
@@ -111,8 +131,10 @@ def grouped_sink_swiglu(
         offsets: U+1 Python ints; group ``u`` is ``perm[offsets[u]:offsets[u+1]]``.
         row_ids: [U, k] int64 table rows of each group (distinct within a group).
         gates: [U, k] multipliers of each group's sink activations.
+        base: optional [T, d] added to the result (e.g. the backbone output): folded
+            into the down-projection GEMMs instead of a separate pass.
 
-    Returns [T, d]. Differentiable in ``x`` and ``table``.
+    Returns [T, d]. Differentiable in ``x``, ``table`` and ``base``.
     """
     if x.dim() != 2 or table.dim() != 3 or table.shape[1] != 3 or table.shape[2] != x.shape[1]:
         raise ValueError(f"expected x [T, d] and table [R, 3, d], got {tuple(x.shape)} and {tuple(table.shape)}")
@@ -120,4 +142,6 @@ def grouped_sink_swiglu(
         raise ValueError(
             f"row_ids {tuple(row_ids.shape)} and gates {tuple(gates.shape)} must be [U, k] with U = len(offsets) - 1 = {len(offsets) - 1}"
         )
-    return _GroupedSinkSwiGLU.apply(x, table, perm, offsets, row_ids, gates.to(x.dtype))
+    if base is not None and base.shape != x.shape:
+        raise ValueError(f"base {tuple(base.shape)} must have the shape of x {tuple(x.shape)}")
+    return _GroupedSinkSwiGLU.apply(x, table, perm, offsets, row_ids, gates.to(x.dtype), base)

@@ -33,23 +33,6 @@ class DemoOptions:
     seed: int = 0
 
 
-def init_single_process(seed: int) -> None:
-    """A one-process gloo group and Megatron's model-parallel state (TP = PP = 1)."""
-    from megatron.core import parallel_state
-
-    from launch.env import find_free_port
-
-    from .model.cpu_compat import model_parallel_seed
-
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel()
-    model_parallel_seed(seed)
-
-
 def per_source_loss(model, rows: PackedRows, batch_rows: int, **forward_kwargs) -> dict[int, float]:
     """Mean next-token loss (nats) of every source over its label tokens."""
     totals: dict[int, list[float]] = {}
@@ -78,8 +61,9 @@ def mean_over(losses: dict[int, float], sources: Sequence[int]) -> float:
 
 def run_demo(cfg: Config, documents: list[tuple[int, np.ndarray]], titles: dict[int, str], options: DemoOptions, out_dir: Path) -> dict:
     from .model.gpt import build_nulls_gpt
+    from .model.parallel import init_model_parallel
 
-    init_single_process(cfg.seed)
+    init_model_parallel(cfg.parallel, cfg.seed)
     model = build_nulls_gpt(cfg)
     rows = PackedRows.stack(list(pack_documents(documents, cfg.model.seq_length)))
     sources = sorted({s for s, _ in documents})

@@ -41,13 +41,10 @@ def packed_batch(seed: int = 0):
 
 
 def init_single_process_megatron(tensor_parallel: int = 1, seed: int = 1234) -> None:
-    from megatron.core import parallel_state
+    from nulls_megatron.config import ParallelConfig
+    from nulls_megatron.model.parallel import init_model_parallel
 
-    from nulls_megatron.model.cpu_compat import model_parallel_seed
-
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
-    model_parallel_seed(seed)
+    init_model_parallel(ParallelConfig(tensor_parallel=tensor_parallel), seed)
 
 
 def gather_full(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

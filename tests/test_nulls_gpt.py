@@ -2,8 +2,6 @@
 isolation, modes, agreement with the plain-torch NULLs MLP, and TP=2 == TP=1."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -18,11 +16,6 @@ STEPS, LR = 3, 0.5
 @pytest.fixture(scope="module")
 def megatron_world():
     """A one-process gloo group with Megatron's model-parallel state, for in-process tests."""
-    from launch.env import find_free_port
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(find_free_port())
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     init_single_process_megatron()
     yield
     from megatron.core import parallel_state
@@ -54,6 +47,16 @@ def test_forward_backward_with_source_ids_touches_only_owned_sinks(megatron_worl
         assert torch.count_nonzero(grad[~owned]) == 0
         assert bool((grad[owned].abs().sum(dim=(1, 2)) > 0).all())
         assert mlp.linear_fc1.weight.grad.abs().sum() > 0
+
+
+def test_parameter_counts_match_the_built_model(megatron_world):
+    from nulls_megatron.model_size import parameter_counts
+
+    cfg = tiny_config()
+    model = build(cfg)
+    counts = parameter_counts(cfg)
+    assert sum(p.numel() for p in model.parameters()) == counts["total"]
+    assert sum(m.sinks.weight.numel() for m in model.nulls_mlps()) == counts["sinks"]
 
 
 def test_packed_documents_do_not_see_each_other(megatron_world):

@@ -114,8 +114,6 @@ class NullsMegatronMLP(MegatronModule):
         if scale != 1.0:
             h = h * scale
         out, _ = self.linear_fc2(h)
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        sink_out = self.sinks(flat, routing)
-        if sink_out is not None:
-            out = out + sink_out.view_as(out)
-        return out, None
+        hidden = hidden_states.shape[-1]
+        out = self.sinks(hidden_states.reshape(-1, hidden), routing, base=out.reshape(-1, hidden))
+        return out.view_as(hidden_states), None

@@ -54,8 +54,5 @@ class NullsMLP(nn.Module):
         scale = self.sinks.backbone_scale(routing)
         if scale != 1.0:
             h = h * scale
-        y = h @ self.backbone_fc2.t()
-        sink_out = self.sinks(flat, routing)
-        if sink_out is not None:
-            y = y + sink_out
+        y = self.sinks(flat, routing, base=h @ self.backbone_fc2.t())
         return y.view(shape)

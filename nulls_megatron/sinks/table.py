@@ -78,20 +78,20 @@ class SinkTable(nn.Module):
             return (self.p_gen + self.p_mem) / self.p_gen
         return 1.0
 
-    def forward(self, x: torch.Tensor, routing: SinkRouting) -> torch.Tensor | None:
-        """Sink contribution to the MLP output for tokens ``x`` [T, d], or None when sinks are off."""
+    def forward(self, x: torch.Tensor, routing: SinkRouting, base: torch.Tensor) -> torch.Tensor:
+        """``base`` [T, d] (the backbone output) plus the sinks' contribution for tokens ``x`` [T, d]."""
         if routing.mode is SinkMode.BACKBONE:
-            return None
+            return base
         if routing.mode is SinkMode.EXPECTED:
             gates = (~self.disabled).to(x.dtype) * self.p_mem
             w = self.weight
             h = nn.functional.silu(x @ w[:, 0].t()) * (x @ w[:, 1].t()) * gates
-            return h @ w[:, 2]
+            return torch.addmm(base, h, w[:, 2])
         plan = routing.plan
         routing.check_tokens(x.shape[0])
         rows = plan.rows(self.assignment, self.layer_number)
         gates = (~self.disabled[rows]).to(x.dtype)
-        return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates)
+        return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base)
 
     def extra_repr(self) -> str:
         a = self.assignment

@@ -1,0 +1,40 @@
+"""Bring up torch.distributed and Megatron's model-parallel state for a run."""
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from launch.env import find_free_port, init_distributed_from_env
+
+from ..config import ParallelConfig
+from .cpu_compat import model_parallel_seed
+
+_LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
+
+
+def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """Initialise the process group (from torchrun/SLURM variables, or as a single
+    local process when launched plainly) and the TP x PP groups, then seed.
+
+    Safe to call again in one process (e.g. to switch TP size in a test): the
+    process group is reused and the model-parallel groups are rebuilt.
+    """
+    if not dist.is_initialized():
+        if not any(v in os.environ for v in _LAUNCHER_VARS) and not os.environ.get("MASTER_PORT"):
+            # A plain single process: any free port, so that concurrent runs never collide.
+            os.environ["MASTER_PORT"] = str(find_free_port())
+        init_distributed_from_env()
+    world = dist.get_world_size()
+    model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not a multiple of tensor_parallel x pipeline_parallel = {model_parallel}"
+        )
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+    )
+    model_parallel_seed(seed)
