@@ -8,6 +8,7 @@ import warnings
 import yaml
 
 from .config import ConfigError, load_config
+from .demo import DemoOptions
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,27 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from data_prep.config import load_prep_config
+    from data_prep.pipeline import run_prep
+
+    from .demo import DemoOptions, documents_from_prep, run_demo
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.output)
+    prep_dir = out / "prep"
+    # The tokenizer is trained to the model's vocabulary size.
+    prep_cfg = load_prep_config(args.prep_config, [f"tokenizer.vocab_size={cfg.model.vocab_size}"], output_dir=str(prep_dir))
+    summary = run_prep(prep_cfg)
+    print(f"demo: prep wrote {summary['sources']} sources, {summary['tokens']:,} tokens in {summary['shards']} shards to {prep_dir}")
+    documents, titles = documents_from_prep(prep_dir)
+    options = DemoOptions(epochs=args.epochs, max_doc_tokens=args.max_doc_tokens, batch_rows=args.batch_rows, lr=args.lr, forget=args.forget, seed=args.seed)
+    run_demo(cfg, documents, titles, options, out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nulls", description="Natively unlearnable LMs on Megatron-core.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=0, help="layer (matters only with per-layer sinks)")
     p.add_argument("--all-layers", action="store_true", help="with per-layer sinks, print every layer")
     p.set_defaults(func=cmd_sinks)
+
+    from data_prep import cli as prep_cli
+
+    prep_cli.register(sub)
+
+    p = sub.add_parser("demo", help="prep the embedded Wikipedia sample, train a tiny NULLs GPT on it, forget a few articles")
+    p.add_argument("--config", default="configs/demo_cpu.yaml", help="model config (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    p.add_argument("--prep-config", default="configs/prep_gensim_sample.yaml", help="data config (default: %(default)s)")
+    p.add_argument("--output", default="runs/demo", help="run directory (default: %(default)s)")
+    defaults = DemoOptions()
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--max-doc-tokens", type=int, default=defaults.max_doc_tokens, help="cut documents to this many tokens")
+    p.add_argument("--batch-rows", type=int, default=defaults.batch_rows)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--forget", type=int, default=defaults.forget, help="how many sources to forget")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

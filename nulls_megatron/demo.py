@@ -25,12 +25,30 @@ from .train.packing import PackedRows, pack_documents
 
 @dataclass
 class DemoOptions:
-    steps: int = 300
+    epochs: int = 8
+    max_doc_tokens: int = 512  # documents are cut to this: many short sources, several epochs (METHOD.md 6)
     batch_rows: int = 8
     lr: float = 3e-3
     warmup: int = 20
     forget: int = 4
     seed: int = 0
+
+
+def documents_from_prep(prep_dir: Path) -> tuple[list[tuple[int, np.ndarray]], dict[int, str]]:
+    """Every document of a `nulls prep` output, in source order, with the titles."""
+    from data_prep.shards import SHARD_DIR, SHARD_INDEX_NAME, read_shard
+
+    index_path = prep_dir / SHARD_INDEX_NAME
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: no shard index; run `nulls prep` into {prep_dir} first")
+    index = json.loads(index_path.read_text())
+    documents, titles = [], {}
+    for shard in index["shards"]:
+        for sample in read_shard(prep_dir / SHARD_DIR / shard["name"]):
+            source = int(sample["meta"]["source_index"])
+            documents.append((source, sample["tokens"].astype(np.int64)))
+            titles[source] = sample["meta"]["title"]
+    return documents, titles
 
 
 def per_source_loss(model, rows: PackedRows, batch_rows: int, **forward_kwargs) -> dict[int, float]:
@@ -65,20 +83,23 @@ def run_demo(cfg: Config, documents: list[tuple[int, np.ndarray]], titles: dict[
 
     init_model_parallel(cfg.parallel, cfg.seed)
     model = build_nulls_gpt(cfg)
+    documents = [(s, t[: options.max_doc_tokens]) for s, t in documents]
     rows = PackedRows.stack(list(pack_documents(documents, cfg.model.seq_length)))
     sources = sorted({s for s, _ in documents})
-    print(f"demo: {len(documents)} documents as {len(sources)} sources, {len(rows)} packed rows of {cfg.model.seq_length} tokens")
+    steps = options.epochs * math.ceil(len(rows) / options.batch_rows)
+    print(f"demo: {len(documents)} documents as {len(sources)} sources (each cut to {options.max_doc_tokens} tokens), "
+          f"{len(rows)} packed rows of {cfg.model.seq_length} tokens, {options.epochs} epochs = {steps} steps")
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=options.lr, betas=(0.9, 0.95))
-    schedule = lambda step: min(1.0, (step + 1) / options.warmup) * 0.5 * (1 + math.cos(math.pi * min(step, options.steps) / options.steps))  # noqa: E731
+    schedule = lambda step: min(1.0, (step + 1) / options.warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     gen = torch.Generator().manual_seed(options.seed)
     order = torch.randperm(len(rows), generator=gen)
     cursor = 0
     start = time.perf_counter()
-    progress = tqdm(range(options.steps), desc="train", unit="step")
+    progress = tqdm(range(steps), desc="train", unit="step")
     for step in progress:
         if cursor + options.batch_rows > len(order):
             order, cursor = torch.randperm(len(rows), generator=gen), 0
@@ -109,7 +130,8 @@ def run_demo(cfg: Config, documents: list[tuple[int, np.ndarray]], titles: dict[
     report = {
         "sources": len(sources),
         "rows": len(rows),
-        "steps": options.steps,
+        "steps": steps,
+        "epochs": options.epochs,
         "final_train_loss": loss.item(),
         "forgotten": [{"source": s, "title": titles.get(s, ""), "loss_before": before[s], "loss_after": after[s]} for s in forget],
         "forget_loss_before": mean_over(before, forget),

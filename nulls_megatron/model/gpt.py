@@ -46,6 +46,7 @@ def transformer_config(cfg: Config, **overrides) -> TransformerConfig:
         tensor_model_parallel_size=p.tensor_parallel,
         pipeline_model_parallel_size=p.pipeline_parallel,
         sequence_parallel=False,
+        cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
     )
     if apply_cpu_compat():
         kwargs.update(cpu_transformer_config_overrides())

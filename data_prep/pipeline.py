@@ -1,0 +1,297 @@
+"""The prep job: inputs -> tokenizer -> per-chunk tokens (Ray tasks) -> manifest -> shards (Ray tasks).
+
+Phases (each resumable, see data_prep/tasks.py for the done-markers):
+  0. plan: ``plan_chunks`` splits the inputs into chunks (the driver, cheap).
+  1. tokenizer: reuse ``tokenizer.model_path``, or read a sample from chunks spread over the corpus
+     (one Ray task each) and train sentencepiece on the driver.
+  2. encode: one Ray task per chunk: read + clean -> encode -> ``work/chunks/<chunk>.*``.
+  3. number: the driver reads the per-chunk metadata in (input, chunk) order, numbers the sources
+     (data_prep/manifest.py) and cuts the sources, in index order, into shards of the target size.
+  4. shards: one Ray task per shard copies its documents' tokens into a webdataset tar.
+  5. finish: shard_index.json, manifest.parquet + title index, prep_report.json; work/ is removed.
+Every byte written depends only on the inputs and the config, never on the number of workers, the
+order in which tasks finish, or where a previous run was killed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from tqdm import tqdm
+
+from data_prep import tasks
+from data_prep.config import PrepConfig, RayConfig
+from data_prep.documents import Chunk, SkipReport
+from data_prep.manifest import (MANIFEST_NAME, duplicate_reason, number_sources, read_manifest, title_hashes,
+                                write_manifest, write_title_index)
+from data_prep.readers import InputSpec, plan_chunks
+from data_prep.shards import (SHARD_DIR, SHARD_INDEX_NAME, ShardInfo, estimate_sample_bytes, plan_shards,
+                              shard_index_json, shard_name)
+from data_prep.tokenizer import card_json, sha256, token_dtype, tokenizer_card, train_tokenizer
+from data_prep.tokenizer import processor as load_processor
+
+REPORT_NAME = "prep_report.json"
+_TRASH = ".work-deleting"
+
+_encode_task = ray.remote(tasks.encode_chunk)
+_sample_task = ray.remote(tasks.sample_chunk)
+_shard_task = ray.remote(tasks.write_shard_unit)
+
+
+def connect_ray(rc: RayConfig) -> bool:
+    """Join the session already open in this process, the cluster at ``rc.address`` (or $RAY_ADDRESS,
+    as set inside a Ray job), or start a local Ray. Returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    address = rc.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # "local" always starts a fresh instance: plain ray.init() would join whatever cluster
+        # /tmp/ray/ray_current_cluster names, even a dead one from an earlier `ray start`.
+        ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=False)
+    return True
+
+
+def _bar(progress: bool, **kw) -> tqdm:
+    return tqdm(disable=not progress, dynamic_ncols=True, mininterval=0.5, **kw)
+
+
+def _wait_all(refs: dict, bar: tqdm, on_done) -> None:
+    """Collect task results as they finish (any order: results are placed by key, not by arrival)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        on_done(refs[ready[0]], ray.get(ready[0]))
+        bar.refresh()
+
+
+def _tokenizer(cfg: PrepConfig, chunks: list[Chunk], out: Path, work: Path, progress: bool) -> bytes:
+    t = cfg.tokenizer
+    if t.model_path is not None:
+        model = Path(t.model_path).read_bytes()
+        load_processor(model)  # fail here, naming nothing half-written, if it is not a model
+        card = tokenizer_card(model, t, None, None)
+    else:
+        picks = sorted({(i * len(chunks)) // min(t.sample_chunks, len(chunks)) for i in range(min(t.sample_chunks, len(chunks)))})
+        settings = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(t).items()}
+        fingerprint = tasks.digest(tasks.FORMAT_VERSION, settings, [asdict(chunks[i]) for i in picks])
+        marker = work / "tokenizer.done.json"
+        try:
+            done = json.loads(marker.read_text())
+            model = (out / "tokenizer.model").read_bytes()
+            if done["fingerprint"] == fingerprint and done["model_sha256"] == sha256(model):
+                return model
+        except (OSError, ValueError, KeyError):
+            pass
+        budget = max(1, t.sample_chars // len(picks))
+        parts: dict[int, list[str]] = {}
+        with _bar(progress, total=len(picks), desc="tokenizer sample", unit="chunk") as bar:
+            refs = {_sample_task.remote(chunks[i], budget): i for i in picks}
+            _wait_all(refs, bar, lambda i, lines: (parts.__setitem__(i, lines), bar.update(1)))
+        lines = [line for i in picks for line in parts[i]]
+        started = time.perf_counter()
+        model = train_tokenizer(lines, t)
+        if progress:
+            print(f"tokenizer: trained {t.model_type.value} vocab {t.vocab_size} on {sum(map(len, lines)):,} chars "
+                  f"in {time.perf_counter() - started:.1f} s", flush=True)
+        card = tokenizer_card(model, t, sha256("\n".join(lines).encode("utf-8")), sum(map(len, lines)))
+    tasks.replace_bytes(out / "tokenizer.model", model)
+    tasks.replace_bytes(out / "tokenizer.json", card_json(card))
+    if t.model_path is None:
+        work.mkdir(parents=True, exist_ok=True)
+        tasks.replace_bytes(marker, json.dumps({"fingerprint": fingerprint, "model_sha256": sha256(model)}).encode())
+    return model
+
+
+def _encode(chunks: list[Chunk], model: bytes, dtype: str, work: Path, progress: bool) -> list[tasks.ChunkResult]:
+    sha = sha256(model)
+    fps = [tasks.chunk_fingerprint(c, sha, dtype) for c in chunks]
+    results = [tasks.load_chunk_done(work, tasks.chunk_name(c), fp) for c, fp in zip(chunks, fps)]
+    todo = [i for i, r in enumerate(results) if r is None]
+    model_ref = ray.put(model)
+    started, new_tokens = time.perf_counter(), 0
+    with _bar(progress, desc="encode", unit="doc", unit_scale=True,
+              initial=sum(r.documents for r in results if r is not None)) as bar:
+        def done(i: int, result: tasks.ChunkResult) -> None:
+            nonlocal new_tokens
+            results[i] = result
+            new_tokens += result.tokens
+            bar.update(result.documents)
+            rate = new_tokens / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"chunks {sum(r is not None for r in results)}/{len(chunks)}, {rate:,.0f} tok/s", refresh=False)
+
+        refs = {_encode_task.remote(chunks[i], model_ref, dtype, str(work), fps[i]): i for i in todo}
+        _wait_all(refs, bar, done)
+    return results
+
+
+_NUMBERING_COLUMNS = ["key", "n_tokens", "title_hash"]
+
+
+def gather_documents(chunks: list[Chunk], work: Path) -> pa.Table:
+    """The columns numbering needs, for every document of the run in (input, chunk, position) order,
+    with where its tokens are. Titles and urls stay on disk (ChunkDocs): at 6.4M documents they are
+    ~0.5 GB the driver does not need to hold."""
+    tables = []
+    for cid, chunk in enumerate(chunks):
+        t = pq.read_table(tasks.chunk_paths(work, tasks.chunk_name(chunk))[1], columns=_NUMBERING_COLUMNS)
+        n = t.num_rows
+        t = t.append_column("chunk_id", pa.array(np.full(n, cid, np.int32)))
+        tables.append(t.append_column("row", pa.array(np.arange(n, dtype=np.int64))))
+    if not tables:
+        raise ValueError("the inputs produced no chunk of work")
+    return pa.concat_tables(tables)
+
+
+class ChunkDocs:
+    """``fetch_docs`` for write_manifest: manifest columns of documents by global row, read from the
+    per-chunk files (rows come ascending, so each file is read about once; a few are cached)."""
+
+    def __init__(self, chunks: list[Chunk], work: Path, docs: pa.Table) -> None:
+        self.chunks, self.work = chunks, work
+        counts = np.bincount(docs["chunk_id"].to_numpy(), minlength=len(chunks))
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.cache: dict[int, pa.Table] = {}
+
+    def _table(self, cid: int) -> pa.Table:
+        if cid not in self.cache:
+            if len(self.cache) >= 8:
+                self.cache.pop(next(iter(self.cache)))
+            t = pq.read_table(tasks.chunk_paths(self.work, tasks.chunk_name(self.chunks[cid]))[1],
+                              columns=["key", "title", "page_id", "url", "group"])
+            self.cache[cid] = t.append_column("input_index", pa.array(np.full(t.num_rows, self.chunks[cid].input_index, np.int32)))
+        return self.cache[cid]
+
+    def __call__(self, rows: np.ndarray) -> pa.Table:
+        cids = np.searchsorted(self.starts, rows, side="right") - 1
+        parts = []
+        for cid in np.unique(cids):
+            local = rows[cids == cid] - self.starts[cid]
+            parts.append(self._table(int(cid)).take(pa.array(local)))
+        return pa.concat_tables(parts)
+
+
+def _report_duplicates(report: SkipReport, docs: pa.Table, source_index: np.ndarray, chunks: list[Chunk], work: Path) -> None:
+    dup = np.flatnonzero(source_index < 0)
+    if not len(dup):
+        return
+    cids, rows, keys = docs["chunk_id"].to_numpy()[dup], docs["row"].to_numpy()[dup], docs["key"].take(pa.array(dup)).to_pylist()
+    origins: dict[int, list] = {}
+    for cid, row, key in zip(cids.tolist(), rows.tolist(), keys):
+        if cid not in origins:  # origins are long strings: read them only for chunks that have duplicates
+            origins[cid] = pq.read_table(tasks.chunk_paths(work, tasks.chunk_name(chunks[cid]))[1], columns=["origin"])["origin"].to_pylist()
+        path, origin = chunks[cid].path, origins[cid][row]  # origin: "<file>:<record>"
+        report.skip(path, origin[len(path) + 1:] if origin.startswith(path + ":") else origin, duplicate_reason(key))
+
+
+def _write_shards(plan: dict, chunks: list[Chunk], results: list[tasks.ChunkResult], dtype: str, work: Path,
+                  shards_dir: Path, progress: bool) -> list[ShardInfo]:
+    src, cid, row, shard_of = plan["sources"], plan["chunk_ids"], plan["rows"], plan["shard"]
+    n_shards = int(shard_of[-1]) + 1 if len(shard_of) else 0
+    bounds = np.searchsorted(shard_of, np.arange(n_shards + 1))
+    names = [tasks.chunk_name(c) for c in chunks]
+    fps = [r.fingerprint for r in results]
+    infos: list[ShardInfo | None] = [None] * n_shards
+    refs = {}
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        a, b = bounds[s], bounds[s + 1]
+        fp = tasks.shard_fingerprint(s, src[a:b], cid[a:b], row[a:b], names, fps)
+        infos[s] = tasks.load_shard_done(work, shards_dir, s, shard_name(s), fp)
+        if infos[s] is None:
+            refs[_shard_task.remote(s, shard_name(s), src[a:b], cid[a:b], row[a:b], names, dtype, str(work),
+                                    str(shards_dir), fp)] = s
+    with _bar(progress, total=n_shards, initial=n_shards - len(refs), desc="shards", unit="shard") as bar:
+        _wait_all(refs, bar, lambda s, info: (infos.__setitem__(s, info), bar.update(1)))
+    keep = {shard_name(s) for s in range(n_shards)}
+    for stale in shards_dir.iterdir():  # shards of an earlier, larger plan, and temp files of killed writers
+        if stale.name not in keep:
+            stale.unlink()
+    return infos
+
+
+def _remove_work(out: Path) -> None:
+    # Rename first: a run killed while deleting must not find half a work folder with valid markers.
+    trash = out / _TRASH
+    if (out / "work").exists():
+        os.replace(out / "work", trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def plan_sources(docs: pa.Table, base: pa.Table | None, target_bytes: int, itemsize: int) -> dict:
+    """Number the run's documents (manifest rule) and cut the present sources, in index order, into shards."""
+    source_index, n_sources = number_sources(docs["key"], None if base is None else base["key"])
+    rows = np.flatnonzero(source_index >= 0)
+    rows = rows[np.argsort(source_index[rows], kind="stable")]
+    n_tokens = docs["n_tokens"].to_numpy()
+    shard = plan_shards(estimate_sample_bytes(n_tokens[rows], itemsize), target_bytes)
+    sources = source_index[rows].astype(np.uint32)
+    shard_of_source = np.full(n_sources, -1, np.int64)
+    shard_of_source[sources] = shard
+    return {"source_index": source_index, "n_sources": n_sources, "doc_rows": rows, "sources": sources,
+            "chunk_ids": docs["chunk_id"].to_numpy()[rows], "rows": docs["row"].to_numpy()[rows], "shard": shard,
+            "shard_of_source": shard_of_source, "n_tokens": n_tokens}
+
+
+def write_sources(out: Path, docs: pa.Table, fetch_docs, plan: dict, base: pa.Table | None) -> int:
+    """manifest.parquet and the title index; returns the number of base sources absent from this run."""
+    hashes = np.zeros(plan["n_sources"], np.uint64)
+    hashes[plan["sources"]] = docs["title_hash"].to_numpy()[plan["doc_rows"]]
+    present = write_manifest(out / MANIFEST_NAME, fetch_docs, plan["source_index"], plan["n_sources"], base,
+                             plan["n_tokens"], plan["shard_of_source"])
+    absent = np.flatnonzero(~present)  # base sources this run lacks: hash their base titles
+    hashes[absent] = title_hashes(base["title"].take(pa.array(absent)).to_pylist() if len(absent) else [])
+    write_title_index(out, hashes)
+    return len(absent)
+
+
+def run_prep(cfg: PrepConfig, progress: bool = True) -> dict:
+    """Run (or resume) the prep job described by a resolved config; returns the run's summary."""
+    out = Path(cfg.output_dir)
+    work = out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / _TRASH, ignore_errors=True)
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    base_path = Path(cfg.base_manifest) if cfg.base_manifest else out / MANIFEST_NAME
+    base = read_manifest(base_path) if base_path.is_file() else None
+    specs = [InputSpec(path=s.path, format=s.format, group=s.group, index_path=s.index_path,
+                       max_chars=s.max_chars or cfg.max_chars) for s in cfg.inputs]
+    chunks = plan_chunks(specs, cfg.chunk_bytes)
+    started_ray = connect_ray(cfg.ray)
+    try:
+        model = _tokenizer(cfg, chunks, out, work, progress)
+        dtype = token_dtype(load_processor(model).get_piece_size()).name
+        results = _encode(chunks, model, dtype, work, progress)
+        docs = gather_documents(chunks, work)
+        plan = plan_sources(docs, base, cfg.shards.target_bytes, np.dtype(dtype).itemsize)
+        report = SkipReport()
+        for r in results:  # chunk order, so the report's entries are in a reproducible order
+            report.merge(r.report)
+        _report_duplicates(report, docs, plan["source_index"], chunks, work)
+        infos = _write_shards(plan, chunks, results, dtype, work, out / SHARD_DIR, progress)
+        tasks.replace_bytes(out / SHARD_INDEX_NAME, shard_index_json(infos, dtype, sha256(model)))
+        absent = write_sources(out, docs, ChunkDocs(chunks, work, docs), plan, base)
+        summary = {
+            "chunks": len(chunks), "documents": len(plan["sources"]), "sources": plan["n_sources"],
+            "absent_sources": absent, "tokens": sum(i.tokens for i in infos), "shards": len(infos),
+            "token_dtype": dtype, "tokenizer_sha256": sha256(model),
+        }
+        tasks.replace_bytes(out / REPORT_NAME, (json.dumps({**summary, **report.to_dict()}, indent=1, ensure_ascii=False) + "\n").encode())
+        if not cfg.keep_work:
+            _remove_work(out)
+        # new_sources depends on what the folder held before (a resumed run may already have written its
+        # manifest), so it stays out of prep_report.json, which must be the same for every route to the result.
+        return {**summary, "new_sources": plan["n_sources"] - (0 if base is None else base.num_rows)}
+    finally:
+        if started_ray:
+            ray.shutdown()
