@@ -21,6 +21,7 @@ if ROOT not in sys.path:  # children inherit sys.path from the parent
 
 from launch.env import distributed_backend, find_free_port, first_slurm_host, read_dist_env  # noqa: E402
 from launch.local import RankFailedError, run_local  # noqa: E402
+from tests.nulls_gpt_helpers import gather_full  # noqa: E402
 
 SEED = 1234
 VOCAB, SEQ, BATCH = 128, 32, 2
@@ -90,23 +91,6 @@ def _dropout_recompute_checks(check):
     check(norms[0] == norms[1], f"(b) dropout at TP=2 not reproducible: {norms[:2]}")
     check(all(abs(a - b) <= 1e-6 for a, b in zip(norms[0], norms[2])),
           f"(b) recompute with dropout changed loss/grad norm: {norms}")
-
-
-def _full_tensor(t: torch.Tensor, param, group) -> torch.Tensor:
-    """Reassemble a TP-sharded tensor (weight or grad) into the TP=1 layout.
-
-    Megatron's CPU init splits the master weight into world*stride chunks along
-    partition_dim and gives rank r the chunks r, r+world, ... (stride 2 is the
-    SwiGLU fc1: each rank holds [gate_r; up_r]); this inverts that.
-    """
-    if not getattr(param, "tensor_model_parallel", False):
-        return t.detach().clone()
-    world = torch.distributed.get_world_size(group)
-    shards = [torch.empty_like(t) for _ in range(world)]
-    torch.distributed.all_gather(shards, t.detach().contiguous(), group=group)
-    dim, stride = param.partition_dim, param.partition_stride
-    pieces = [s.chunk(stride, dim=dim) for s in shards]
-    return torch.cat([pieces[i % world][i // world] for i in range(world * stride)], dim=dim)
 
 
 def _forward_backward(model):
@@ -199,7 +183,6 @@ def _megatron_tp_body(rank, world_size):
 
     # TP=2
     ps.initialize_model_parallel(tensor_model_parallel_size=2)
-    tp_group = ps.get_tensor_model_parallel_group()
     tp_rank = ps.get_tensor_model_parallel_rank()
     check(tp_rank == rank, f"(a) TP rank {tp_rank} != global rank")
     _rng_checks(rank, tp_rank, check)
@@ -209,8 +192,8 @@ def _megatron_tp_body(rank, world_size):
     model = _build_gpt()
     loss_tp2 = _forward_backward(model)
     params = dict(model.named_parameters())
-    w_tp2 = {n: _full_tensor(p.data, p, tp_group) for n, p in params.items()}
-    g_tp2 = {n: _full_tensor(p.grad, p, tp_group) for n, p in params.items()}
+    w_tp2 = {n: gather_full(p, p.data) for n, p in params.items()}
+    g_tp2 = {n: gather_full(p, p.grad) for n, p in params.items()}
     n_sharded = sum(bool(getattr(p, "tensor_model_parallel", False)) for p in params.values())
     check(n_sharded >= 10, f"(a) only {n_sharded} TP-sharded parameters at TP=2")
 
