@@ -53,14 +53,23 @@ class DistEnv:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: ``"gpu[03-05,09],cpu1"`` -> ``"gpu03"``."""
-    first = re.match(r"([^,\[]+)(\[([^\]]*)\])?", nodelist.strip())
-    if first is None:
+    """First host of a SLURM node list: ``"gpu[03-05,09],cpu1"`` -> ``"gpu03"``,
+    ``"rack[1-2]-n[01-02]"`` -> ``"rack1-n01"``."""
+    text = nodelist.strip()
+    depth, end = 0, len(text)
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0 or depth > 1:
+            raise ValueError(f"cannot parse SLURM node list {nodelist!r}: unbalanced brackets")
+        if char == "," and depth == 0:
+            end = i
+            break
+    first = text[:end]
+    # every bracket group of the first element contributes its first value
+    host = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
+    if not host or "[" in host or "]" in host:
         raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, _, ranges = first.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return host
 
 
 def read_dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:

@@ -293,3 +293,7 @@ def test_env_detection(monkeypatch):
     assert read_dist_env({}).world_size == 1
     assert first_slurm_host("node1,node2") == "node1"
     assert first_slurm_host("a[3,5-6]") == "a3"
+    assert first_slurm_host("node[1-2]-ib") == "node1-ib"
+    assert first_slurm_host("rack[1-2]-n[01-02],other") == "rack1-n01"
+    with pytest.raises(ValueError, match="cannot parse"):
+        first_slurm_host("node[1-2")

@@ -1,0 +1,132 @@
+"""launch.slurm and slurm/torchrun_smoke.sh: node-list parsing and the
+variable mapping without SLURM, then a real sbatch -> srun -> torchrun job on
+a local single-node cluster (tests/slurm_cluster.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.env import find_free_port
+from launch.slurm import SlurmEnvError, TorchrunSettings, first_host, main, torchrun_settings
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (pytest fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+NODELISTS = {
+    "node[001-004,010]": "node001",
+    "gpu-a[1-2],gpu-b3": "gpu-a1",
+    "gpu-b3,gpu-a[1-2]": "gpu-b3",
+    "login7": "login7",
+}
+
+
+@pytest.mark.parametrize("nodelist,first", sorted(NODELISTS.items()))
+def test_first_host_parsed_without_scontrol(nodelist, first):
+    assert first_host(nodelist, use_scontrol=False) == first
+
+
+def test_settings_multi_node_from_slurm_variables():
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu-a[1-2],gpu-b3",
+        "SLURM_JOB_NUM_NODES": "3",
+        "SLURM_NODEID": "2",
+        "SLURM_GPUS_ON_NODE": "4",
+    }
+    got = torchrun_settings(env, use_scontrol=False)
+    assert got == TorchrunSettings("gpu-a1", 15000 + 4242 % 20000, 3, 2, 4)
+    # What bash sees after eval, quoting included.
+    exports = TorchrunSettings("host with space", 1234, 2, 1, 8).export_lines()
+    out = subprocess.run(
+        ["bash", "-c", 'eval "$LINES"; echo "$MASTER_ADDR|$MASTER_PORT|$NNODES|$NODE_RANK|$NPROC_PER_NODE"'],
+        env={"LINES": exports, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "host with space|1234|2|1|8"
+
+
+def test_settings_explicit_values_win_and_single_node_is_loopback():
+    base = {"SLURM_JOB_ID": "7", "SLURM_NODELIST": "node[3-4]", "SLURM_NNODES": "1"}
+    assert torchrun_settings(base, use_scontrol=False) == TorchrunSettings("127.0.0.1", 15007, 1, 0, 1)
+    env = dict(base, SLURM_NNODES="2", MASTER_ADDR="10.0.0.5", MASTER_PORT="29999",
+               NPROC_PER_NODE="3", SLURM_GPUS_ON_NODE="8")
+    assert torchrun_settings(env, use_scontrol=False) == TorchrunSettings("10.0.0.5", 29999, 2, 0, 3)
+    env = dict(base, SLURM_NNODES="2", SLURM_GPUS_ON_NODE="2")
+    assert torchrun_settings(env, use_scontrol=False).master_addr == "node3"
+
+
+def test_settings_errors_name_the_variable(monkeypatch, capsys):
+    with pytest.raises(SlurmEnvError, match="SLURM_JOB_NODELIST"):
+        torchrun_settings({}, use_scontrol=False)
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "two"}
+    with pytest.raises(SlurmEnvError, match=r"\$SLURM_JOB_NUM_NODES='two'"):
+        torchrun_settings(env, use_scontrol=False)
+    env.update(SLURM_JOB_NUM_NODES="2", SLURM_NODEID="2")
+    with pytest.raises(SlurmEnvError, match="SLURM_NODEID=2 is outside"):
+        torchrun_settings(env, use_scontrol=False)
+    for name in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["env"]) == 2
+    assert "run inside an sbatch/salloc allocation" in capsys.readouterr().err
+
+
+def test_parser_agrees_with_scontrol(slurm_cluster):
+    for nodelist in NODELISTS:
+        out = slurm_cluster.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
+        assert first_host(nodelist, use_scontrol=False) == out[0], nodelist
+
+
+def test_partition_limits_are_enforced(slurm_cluster, tmp_path):
+    # EnforcePartLimits=ALL + a 2-CPU node: an impossible request fails at submit.
+    proc = slurm_cluster.run(
+        ["sbatch", "--cpus-per-task=4", f"--output={tmp_path}/x.out", "--wrap=true"], check=False
+    )
+    assert proc.returncode != 0
+    assert "More processors requested than permitted" in proc.stderr, proc.stderr
+
+
+def _job_record(cluster, job_id: str) -> dict:
+    """``scontrol show job`` as a dict; {} once the record has aged out (MinJobAge)."""
+    proc = cluster.run(["scontrol", "show", "job", "-o", job_id], check=False)
+    return dict(re.findall(r"(\w+)=(\S*)", proc.stdout)) if proc.returncode == 0 else {}
+
+
+def test_sbatch_torchrun_smoke_one_node_two_ranks(slurm_cluster, tmp_path):
+    result = tmp_path / "smoke.json"
+    output = tmp_path / "job.out"
+    exports = {
+        "PYTHON": sys.executable,
+        "REPO_DIR": str(REPO),
+        "NPROC_PER_NODE": "2",
+        "SLURM_SMOKE_RESULT": str(result),
+        "MASTER_PORT": str(find_free_port()),  # the job-id rule is unit-tested above
+    }
+    proc = slurm_cluster.run(
+        ["sbatch", "--wait", "--parsable", "--nodes=1", "--cpus-per-task=2", "--time=00:03:00",
+         f"--output={output}", f"--chdir={REPO}",
+         "--export=ALL," + ",".join(f"{k}={v}" for k, v in exports.items()),
+         str(REPO / "slurm" / "torchrun_smoke.sh")],
+        timeout=240, check=False,
+    )
+    log = output.read_text(errors="replace") if output.exists() else "(no job output)"
+    assert proc.returncode == 0, f"{proc.stderr}\njob output:\n{log}\n{slurm_cluster.log_tails()}"
+    job_id = proc.stdout.strip().split(";")[0]
+
+    record = _job_record(slurm_cluster, job_id)
+    if record:  # sbatch --wait's exit code 0 already says it finished with 0
+        assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", record
+    assert f"job {job_id}: 1 node(s) x 2 process(es), rendezvous 127.0.0.1:{exports['MASTER_PORT']}" in log
+    assert f"job {job_id}: result in {result}" in log
+
+    report = json.loads(result.read_text())
+    assert report["ok"] and report["backend"] == "gloo" and report["world_size"] == 2
+    assert report["expected_all_reduce"] == 3.0
+    ranks = sorted(report["ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["local_rank"] for r in ranks] == [0, 1]
+    assert all(r["all_reduce"] == 3.0 and r["world_size"] == 2 for r in ranks)
+    assert all(r["slurm_job_id"] == job_id and r["node_id"] == 0 for r in ranks)
