@@ -11,7 +11,7 @@ from nulls_megatron.config import config_from_dict
 VOCAB, SEQ, BATCH = 128, 32, 2
 
 
-def tiny_config(tensor_parallel: int = 1, per_layer_sinks: bool = False):
+def tiny_config(tensor_parallel: int = 1, per_layer_sinks: bool = False, pipeline_parallel: int = 1, tie_embeddings: bool = True):
     return config_from_dict(
         {
             "model": {
@@ -23,9 +23,10 @@ def tiny_config(tensor_parallel: int = 1, per_layer_sinks: bool = False):
                 "ffn_hidden_size": 8 + 192,
                 "seq_length": SEQ,
                 "init_std": 0.1,  # larger than usual so that the sinks matter in a few steps
+                "tie_embeddings": tie_embeddings,
             },
             "nulls": {"n_backbone": 8, "n_pool": 192, "sinks_per_source": 12, "pool_shards": 2, "per_layer_sinks": per_layer_sinks},
-            "parallel": {"tensor_parallel": tensor_parallel},
+            "parallel": {"tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel},
         }
     )
 
@@ -40,11 +41,11 @@ def packed_batch(seed: int = 0):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), sources
 
 
-def init_single_process_megatron(tensor_parallel: int = 1, seed: int = 1234) -> None:
+def init_single_process_megatron(tensor_parallel: int = 1, seed: int = 1234, pipeline_parallel: int = 1) -> None:
     from nulls_megatron.config import ParallelConfig
     from nulls_megatron.model.parallel import init_model_parallel
 
-    init_model_parallel(ParallelConfig(tensor_parallel=tensor_parallel), seed)
+    init_model_parallel(ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel), seed)
 
 
 def gather_full(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

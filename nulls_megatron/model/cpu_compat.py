@@ -15,6 +15,7 @@ import contextlib
 import logging
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
@@ -182,9 +183,42 @@ def apply_cpu_compat() -> bool:
         module.get_default_causal_mask = get_default_causal_mask
         module.get_sliding_window_causal_mask = get_sliding_window_causal_mask
 
+    # 5. Pipeline p2p (p2p_communication.py, batch_p2p_sync=True) calls
+    #    torch.cuda.synchronize() after every batched send/recv: `AssertionError:
+    #    Torch not compiled with CUDA enabled`. gloo's waits are already
+    #    synchronous on CPU, so there is nothing to synchronise.
+    torch.cuda.synchronize = lambda *a, **k: None
+
     _APPLIED = True
     logger.info("Megatron-core CPU compatibility patches applied")
     return True
+
+
+class _CudaDeviceToCpu(TorchFunctionMode):
+    """Turn ``device="cuda"`` in factory calls into the CPU (used around pipeline schedules only)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def pipeline_schedule_compat():
+    """Context for Megatron's forward-backward schedules on CPU (a no-op with CUDA).
+
+    The schedules allocate their token counter with ``device="cuda"``
+    (schedules.py: ``torch.zeros([], dtype=torch.int, device="cuda")``), which
+    fails without CUDA. A torch-function mode maps such calls to the CPU for the
+    duration of the schedule only, so nothing else pays for it.
+    """
+    if not apply_cpu_compat():
+        yield
+        return
+    with _CudaDeviceToCpu():
+        yield
 
 
 def model_parallel_seed(seed: int) -> None:

@@ -46,6 +46,7 @@ def transformer_config(cfg: Config, **overrides) -> TransformerConfig:
         tensor_model_parallel_size=p.tensor_parallel,
         pipeline_model_parallel_size=p.pipeline_parallel,
         sequence_parallel=False,
+        pipeline_dtype=torch.float32,  # activations sent between pipeline stages (bf16 on GPU: later)
         cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
     )
     if apply_cpu_compat():

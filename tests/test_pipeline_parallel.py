@@ -1,0 +1,86 @@
+"""Pipeline parallelism: source ids reach every stage, and PP=2 trains exactly like PP=1."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from launch.local import run_local
+from nulls_megatron.train.packing import PackedRows, pack_documents
+from tests.nulls_gpt_helpers import VOCAB, SEQ, init_single_process_megatron, tiny_config
+
+STEPS, LR = 3, 0.5
+
+
+def micro_batches() -> list[PackedRows]:
+    """Two micro-batches of two packed rows; several sources per row, one document spanning rows."""
+    rng = np.random.default_rng(0)
+    docs = [(int(s), rng.integers(0, VOCAB, size=int(n))) for s, n in zip([5, 77, 3, 900_001, 42, 8, 5150], [20, 9, 50, 14, 7, 30, 12])]
+    rows = list(pack_documents(docs, SEQ))
+    assert len(rows) >= 4
+    return [PackedRows.stack(rows[i : i + 2]) for i in (0, 2)]
+
+
+def _global_name(model, name: str) -> str:
+    """Parameter name in the PP=1 model: a stage's local layer index -> its global layer number - 1."""
+    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+    if not match:
+        return name
+    layer = model.decoder.layers[int(match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
+
+
+def train(model, batches) -> list[float | None]:
+    from nulls_megatron.train.step import forward_backward
+
+    losses = []
+    for _ in range(STEPS):
+        model.zero_grad(set_to_none=True)
+        losses.append(forward_backward(model, batches))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= LR * p.grad
+    return losses
+
+
+def pipeline_worker(rank: int, world_size: int) -> dict:
+    from megatron.core import parallel_state
+
+    from nulls_megatron.model.cpu_compat import model_parallel_seed
+    from nulls_megatron.model.gpt import build_nulls_gpt
+
+    batches = micro_batches()
+    # PP=1 on each rank (two independent replicas): the reference and the initial weights.
+    init_single_process_megatron()
+    reference = build_nulls_gpt(tiny_config(per_layer_sinks=True, tie_embeddings=False))
+    initial = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    losses_pp1 = train(reference, batches)
+
+    init_single_process_megatron(pipeline_parallel=2)
+    model_parallel_seed(1234)
+    stage = build_nulls_gpt(tiny_config(per_layer_sinks=True, tie_embeddings=False, pipeline_parallel=2))
+    with torch.no_grad():
+        for name, p in stage.named_parameters():
+            p.copy_(initial[_global_name(stage, name)])
+    layer_numbers = [mlp.sinks.layer_number for mlp in stage.nulls_mlps()]
+    losses_pp2 = train(stage, batches)
+    return {
+        "pp1": losses_pp1,
+        "pp2": losses_pp2,
+        "last_stage": parallel_state.is_pipeline_last_stage(),
+        "layer_numbers": layer_numbers,
+    }
+
+
+def test_pipeline_parallel_2_equals_1():
+    results = run_local(pipeline_worker, 2, timeout=300)
+    first, last = results
+    assert not first["last_stage"] and last["last_stage"]
+    assert first["layer_numbers"] == [0] and last["layer_numbers"] == [1], "per-layer sinks follow the global layer"
+    assert first["pp2"] == [None] * STEPS
+    pp1, pp2 = last["pp1"], last["pp2"]
+    assert pp1[0] > pp1[-1], "SGD steps should lower the loss on a fixed batch"
+    for step, (a, b) in enumerate(zip(pp1, pp2)):
+        assert abs(a - b) < 1e-5, (step, pp1, pp2)
