@@ -10,6 +10,8 @@ is built once per forward and reused by all layers; backward needs no routing
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -53,6 +55,17 @@ def transformer_config(cfg: Config, **overrides) -> TransformerConfig:
         kwargs.update(cpu_transformer_config_overrides())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+class _DropUnknownMlpNotice(logging.Filter):
+    """Megatron's TransformerLayer logs "Unknown MLP type" for every layer whose MLP is not one of its
+    own; for the NULLs MLP that is expected (it takes the TP group from parallel_state itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_DropUnknownMlpNotice())
 
 
 class NullsGPTModel(GPTModel):
