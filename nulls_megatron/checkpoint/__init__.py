@@ -1,0 +1,1 @@
+"""Split checkpoints: atomic directories, the `latest` pointer, pruning and the sink-table files."""

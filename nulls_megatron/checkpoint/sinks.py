@@ -1,0 +1,260 @@
+"""Sink tables on disk: one safetensors file per layer and pool shard, plus a manifest.
+
+``<dir>/sinks/layer-{L:03d}-shard-{E:03d}.safetensors`` holds rows
+``E*P .. (E+1)*P`` (``P = n_pool // n_shards``) of layer ``L``'s table:
+``weight`` [P, 3, d], ``disabled`` uint8 [P] and, when given, ``optim.<name>``
+(e.g. ``optim.exp_avg``) for the same rows. ``<dir>/sinks/manifest.json`` holds
+the format version, shapes, dtype, assignment parameters, layer numbers, the
+disabled (forgotten) sources and the sha256 of every file. The manifest is
+written last, so a manifest implies complete files; loading checks every digest
+before reading a tensor. Only safetensors are read: no pickle anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..sinks.assignment import ID_LIMIT
+from ..sinks.table import SinkTable
+from .atomic import atomic_file
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "SinkCheckpointError", "load_sink_tables", "read_sink_manifest",
+    "save_sink_tables", "shard_file_name", "table_key",
+]
+
+FORMAT = "nulls-sink-tables"
+FORMAT_VERSION = 1
+SINKS_DIR = "sinks"
+MANIFEST = "manifest.json"
+OPTIM_PREFIX = "optim."
+_HASH_CHUNK = 1 << 24
+
+OptimizerState = dict[str, dict[str, torch.Tensor]]
+
+
+class SinkCheckpointError(ValueError):
+    """A sink checkpoint that does not match its manifest or the tables it is loaded into."""
+
+
+def table_key(table: SinkTable) -> str:
+    """Key of a table in ``optimizer_state``: ``layer-{L:03d}``."""
+    return f"layer-{table.layer_number:03d}"
+
+
+def shard_file_name(layer: int, shard: int) -> str:
+    return f"layer-{layer:03d}-shard-{shard:03d}.safetensors"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _common(tables: Sequence[SinkTable]) -> dict:
+    """What every table must share (assignment, width, dtype), checked across the list."""
+    if not tables:
+        raise ValueError("sink checkpoint: no tables given")
+    first = tables[0]
+    ref = {"assignment": asdict(first.assignment), "hidden_size": first.hidden_size,
+           "dtype": _dtype_name(first.weight.dtype)}
+    seen = set()
+    for t in tables:
+        got = {"assignment": asdict(t.assignment), "hidden_size": t.hidden_size, "dtype": _dtype_name(t.weight.dtype)}
+        for field, value in got.items():
+            if value != ref[field]:
+                raise ValueError(f"sink checkpoint: layer {t.layer_number} has {field} {value}, "
+                                 f"layer {first.layer_number} has {ref[field]}; all tables must agree")
+        if t.layer_number in seen:
+            raise ValueError(f"sink checkpoint: layer {t.layer_number} appears twice")
+        seen.add(t.layer_number)
+    return ref
+
+
+def _check_optimizer_state(tables: Sequence[SinkTable], state: OptimizerState) -> list[str]:
+    keys = {table_key(t): t for t in tables}
+    unknown = sorted(set(state) - set(keys))
+    if unknown:
+        raise ValueError(f"optimizer_state: keys {unknown} match no table (expected {sorted(keys)})")
+    names: list[str] | None = None
+    for key, t in keys.items():
+        if key not in state:
+            raise ValueError(f"optimizer_state: no entry for {key}")
+        if names is None:
+            names = sorted(state[key])
+        if sorted(state[key]) != names:
+            raise ValueError(f"optimizer_state[{key!r}] has {sorted(state[key])}, others have {names}")
+        for name, tensor in state[key].items():
+            if tensor.dim() == 0 or tensor.shape[0] != t.assignment.n_pool:
+                raise ValueError(f"optimizer_state[{key!r}][{name!r}] has shape {tuple(tensor.shape)}; "
+                                 f"a per-row tensor with leading dim n_pool={t.assignment.n_pool} is required")
+    return names or []
+
+
+def save_sink_tables(
+    dir: str | os.PathLike,
+    tables: Sequence[SinkTable],
+    optimizer_state: OptimizerState | None = None,
+    disabled_sources: Iterable[int] = (),
+    progress: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``tables`` (and their per-row optimizer tensors) under ``dir/sinks``; returns the manifest path.
+
+    Each file is written atomically and the manifest last. ``progress`` is called
+    with each file's final path once it is in place (logging; tests use it to
+    kill the process mid-save).
+    """
+    common = _common(tables)
+    optim_names = _check_optimizer_state(tables, optimizer_state) if optimizer_state else []
+    sources = [int(s) for s in disabled_sources]
+    bad = [s for s in sources if not 0 <= s < ID_LIMIT]
+    if bad:
+        raise ValueError(f"disabled_sources: ids {bad[:5]} are outside [0, 2**32)")
+    a = tables[0].assignment
+    rows = a.shard_size
+    out = Path(dir) / SINKS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    digests: dict[str, str] = {}
+    for t in sorted(tables, key=lambda t: t.layer_number):
+        weight = t.weight.detach()
+        disabled = t.disabled.detach().to(torch.uint8)
+        opt = optimizer_state[table_key(t)] if optimizer_state else {}
+        for shard in range(a.n_shards):
+            lo, hi = shard * rows, (shard + 1) * rows
+            tensors = {"weight": weight[lo:hi], "disabled": disabled[lo:hi]}
+            tensors.update({OPTIM_PREFIX + n: opt[n].detach()[lo:hi] for n in optim_names})
+            # safetensors wants contiguous CPU tensors that own no shared storage.
+            tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
+            meta = {"format": FORMAT, "layer": str(t.layer_number), "shard": str(shard), "rows": f"{lo}:{hi}"}
+            name = shard_file_name(t.layer_number, shard)
+            with atomic_file(out / name) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+            digests[name] = sha256_file(out / name)
+            if progress is not None:
+                progress(out / name)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "dtype": common["dtype"],
+        "hidden_size": common["hidden_size"],
+        "weight_shape": [a.n_pool, 3, common["hidden_size"]],
+        "shard_rows": rows,
+        "assignment": common["assignment"],
+        "layers": sorted(t.layer_number for t in tables),
+        "optimizer_tensors": optim_names,
+        "disabled_sources": sources,
+        "files": digests,
+    }
+    with atomic_file(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    # A re-save into the same dir with fewer layers must not leave stale shards behind.
+    for stale in out.glob("*.safetensors"):
+        if stale.name not in digests:
+            stale.unlink()
+    return out / MANIFEST
+
+
+def read_sink_manifest(dir: str | os.PathLike) -> dict:
+    """The parsed ``dir/sinks/manifest.json``, checked for format and version."""
+    path = Path(dir) / SINKS_DIR / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SinkCheckpointError(f"{path}: no sink manifest (not a sink checkpoint, or an unfinished save)") from None
+    except json.JSONDecodeError as e:
+        raise SinkCheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SinkCheckpointError(f"{path}: format is not {FORMAT!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise SinkCheckpointError(f"{path}: version {manifest.get('version')!r}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def _check_tables(manifest: dict, tables: Sequence[SinkTable], path: Path) -> None:
+    common = _common(tables)
+    for field, value in common["assignment"].items():
+        saved = manifest["assignment"].get(field)
+        if saved != value:
+            raise SinkCheckpointError(f"{path}: assignment.{field} is {saved!r} in the checkpoint, "
+                                      f"{value!r} in the model")
+    for field in ("hidden_size", "dtype"):
+        if manifest[field] != common[field]:
+            raise SinkCheckpointError(f"{path}: {field} is {manifest[field]!r} in the checkpoint, "
+                                      f"{common[field]!r} in the model")
+    for t in tables:
+        if t.layer_number not in manifest["layers"]:
+            raise SinkCheckpointError(f"{path}: layer {t.layer_number} is not in the checkpoint "
+                                      f"(layers {manifest['layers']})")
+
+
+def _verify_file(out: Path, name: str, manifest: dict, shapes: dict[str, list[int]], optim_keys: list[str],
+                 rows: int) -> None:
+    """Digest first (nothing is parsed from an unverified file), then tensor names and shapes."""
+    path = out / name
+    want = manifest["files"].get(name)
+    if want is None:
+        raise SinkCheckpointError(f"{out / MANIFEST}: lists no digest for {name}")
+    if not path.is_file():
+        raise SinkCheckpointError(f"{path}: missing (listed in {out / MANIFEST})")
+    got = sha256_file(path)
+    if got != want:
+        raise SinkCheckpointError(f"{path}: sha256 {got} does not match the manifest's {want}")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        expected = set(shapes) | set(optim_keys)
+        if keys != expected:
+            raise SinkCheckpointError(f"{path}: holds tensors {sorted(keys)}, expected {sorted(expected)}")
+        for key in sorted(expected):
+            have = list(f.get_slice(key).get_shape())
+            # Optimizer tensors only share the row dim with the weight.
+            ok = have == shapes[key] if key in shapes else (len(have) >= 1 and have[0] == rows)
+            if not ok:
+                want_shape = shapes.get(key, [rows, "..."])
+                raise SinkCheckpointError(f"{path}: {key} has shape {have}, expected {want_shape}")
+
+
+def load_sink_tables(dir: str | os.PathLike, tables: Sequence[SinkTable]) -> OptimizerState | None:
+    """Load ``tables`` from ``dir/sinks`` in place; returns their optimizer tensors, or None if none were saved.
+
+    Every file the tables need is checked (sha256, tensor names, shapes) before
+    any table is touched, so a refused checkpoint leaves the model unchanged.
+    ``tables`` may be a subset of the saved layers (a pipeline stage's).
+    """
+    manifest = read_sink_manifest(dir)
+    out = Path(dir) / SINKS_DIR
+    _check_tables(manifest, tables, out / MANIFEST)
+    a = tables[0].assignment
+    rows, d = a.shard_size, tables[0].hidden_size
+    optim_names = list(manifest.get("optimizer_tensors", []))
+    names = [(t, s, shard_file_name(t.layer_number, s)) for t in tables for s in range(a.n_shards)]
+    shapes = {"weight": [rows, 3, d], "disabled": [rows]}
+    optim_keys = [OPTIM_PREFIX + n for n in optim_names]
+    for _, _, name in names:
+        _verify_file(out, name, manifest, shapes, optim_keys, rows)
+    result: OptimizerState = {}
+    with torch.no_grad():
+        for t, shard, name in names:
+            data = load_file(str(out / name))
+            lo, hi = shard * rows, (shard + 1) * rows
+            t.weight[lo:hi].copy_(data["weight"])
+            t.disabled[lo:hi].copy_(data["disabled"].to(torch.bool))
+            for n in optim_names:
+                result.setdefault(table_key(t), {}).setdefault(n, []).append(data[OPTIM_PREFIX + n])
+    if not optim_names:
+        return None
+    return {key: {n: torch.cat(parts) for n, parts in state.items()} for key, state in result.items()}
