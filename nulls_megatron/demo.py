@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .checkpoint.atomic import atomic_file
 from .config import Config
 from .train.packing import PackedRows, pack_documents
 
@@ -142,10 +142,8 @@ def run_demo(cfg: Config, documents: list[tuple[int, np.ndarray]], titles: dict[
         "pool_rows_disabled": int(forgotten_rows.numel()),
         "pool_fraction_disabled": forgotten_rows.numel() / cfg.nulls.n_pool,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "demo_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out_dir / "demo_report.json")
+    with atomic_file(out_dir / "demo_report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
 
     print(f"\nforgot {len(forget)} sources by disabling {report['pool_rows_disabled']} sink rows "
           f"({report['pool_fraction_disabled']:.1%} of the pool) in every layer:")

@@ -29,6 +29,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from ..checkpoint.atomic import atomic_file
+
 logger = logging.getLogger(__name__)
 
 RUN_STATE_FILE = "mlflow_run.json"  # in the run dir: which MLflow run to continue on restart
@@ -423,6 +425,5 @@ def _git_state(repo: Path) -> tuple[str, str]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
