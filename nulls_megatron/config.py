@@ -70,11 +70,65 @@ class ParallelConfig:
     pipeline_parallel: int = 1
 
 
+class Engine(str, enum.Enum):
+    MEGATRON = "megatron"  # Megatron-core DDP + its optimizer (TP x PP x DP)
+    DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO stage 1/2 over the data-parallel group (TP x DP)
+
+
+class Precision(str, enum.Enum):
+    AUTO = "auto"  # bf16 on GPU, fp32 on CPU
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr`` (at ``train.steps``)."""
+
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1  # backbone matrices and embeddings; never norms
+    sink_weight_decay: float = 0.0  # sink tables: decay would shrink every source's rows, seen or not
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # global grad-norm clipping; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # output directory of `nulls prep` (shards/index.json, tokenizer, manifest)
+    run_dir: str = "runs/nulls"  # checkpoints/, mlflow.db, logs
+    steps: int = 100
+    micro_batch_rows: int = 4  # packed rows of seq_length per micro-batch and rank
+    global_batch_rows: int = 8  # rows per optimizer step over all data-parallel replicas
+    engine: Engine = Engine.MEGATRON
+    zero_stage: int = 1  # deepspeed engine only: 1 or 2
+    precision: Precision = Precision.AUTO
+    save_every: int = 50  # steps between checkpoints (and one at the end)
+    keep_last: int = 3
+    log_every: int = 1  # steps between progress lines and metric records
+    verify_shards: bool = True  # sha256 of every shard against the index when first opened
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "nulls"
+    run_name: str = ""  # default: the run directory's name
+    on_unavailable: str = "fail"  # "fail": stop at start when the tracking server is down; "warn": train on
+    flush_every_steps: int = 50
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     nulls: NullsConfig = field(default_factory=NullsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 1234  # weights and data order
 
     def validate(self, origin: str = "config") -> "Config":
@@ -90,12 +144,31 @@ def _fail(origin: str, path: str, message: str) -> typing.NoReturn:
 
 
 def _validate(cfg: Config, origin: str) -> None:
-    m, n, p = cfg.model, cfg.nulls, cfg.parallel
-    for section, name in ((m, "model"), (n, "nulls"), (p, "parallel")):
+    m, n, p, o, t = cfg.model, cfg.nulls, cfg.parallel, cfg.optimizer, cfg.train
+    may_be_zero = {"optimizer.min_lr", "optimizer.warmup_steps", "optimizer.weight_decay",
+                   "optimizer.sink_weight_decay", "optimizer.clip_grad", "train.save_every"}
+    for section, name in ((m, "model"), (n, "nulls"), (p, "parallel"), (o, "optimizer"), (t, "train")):
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "seed" and value <= 0:
-                _fail(origin, f"{name}.{f.name}", f"must be > 0, got {value}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "seed":
+                path = f"{name}.{f.name}"
+                if value < 0 or (value == 0 and path not in may_be_zero):
+                    _fail(origin, path, f"must be {'>= 0' if path in may_be_zero else '> 0'}, got {value}")
+    for path, value in (("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)):
+        if not value < 1:
+            _fail(origin, path, f"must be in (0, 1), got {value}")
+    if o.min_lr > o.lr:
+        _fail(origin, "optimizer.min_lr", f"{o.min_lr} exceeds optimizer.lr ({o.lr})")
+    if t.zero_stage not in (1, 2):
+        _fail(origin, "train.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
+    if t.engine is Engine.DEEPSPEED and p.pipeline_parallel != 1:
+        _fail(origin, "train.engine", "deepspeed runs tensor x data parallel only; use engine: megatron "
+              f"for parallel.pipeline_parallel={p.pipeline_parallel}")
+    if t.global_batch_rows % t.micro_batch_rows:
+        _fail(origin, "train.global_batch_rows",
+              f"{t.global_batch_rows} is not a multiple of train.micro_batch_rows ({t.micro_batch_rows})")
+    if cfg.tracking.on_unavailable not in ("fail", "warn"):
+        _fail(origin, "tracking.on_unavailable", f"must be fail or warn, got {cfg.tracking.on_unavailable!r}")
     for path, seed in (("seed", cfg.seed), ("nulls.seed", n.seed)):
         if not 0 <= seed < 2**32:
             _fail(origin, path, f"must be in [0, 2**32), got {seed}")

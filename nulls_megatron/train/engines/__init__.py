@@ -1,0 +1,1 @@
+"""Data-parallel engines: Megatron DDP + optimizer, or DeepSpeed ZeRO 1/2 (see base.py)."""
