@@ -76,6 +76,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # One machine, several processes: hand over to torchrun, which calls this command on every rank.
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                "-m", "nulls_megatron.cli", "train", "--config", args.config]
+        for item in args.overrides:
+            argv += ["--set", item]
+        os.execv(sys.executable, argv)
+    from .train.trainer import train
+
+    result = train(cfg, config_path=args.config)
+    if result.losses:
+        print(f"train: {result.steps_run} steps, final step {result.final_step}, last loss {result.losses[-1]:.4f}, "
+              f"checkpoint {result.checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nulls", description="Natively unlearnable LMs on Megatron-core.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as prep_cli
 
     prep_cli.register(sub)
+
+    p = sub.add_parser("train", help="train (or resume) a NULLs GPT on the shards of `nulls prep`")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (launches torchrun); under torchrun/srun leave at 1")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="prep the embedded Wikipedia sample, train a tiny NULLs GPT on it, forget a few articles")
     p.add_argument("--config", default="configs/demo_cpu.yaml", help="model config (default: %(default)s)")

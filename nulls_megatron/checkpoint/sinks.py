@@ -28,7 +28,7 @@ from .atomic import atomic_file
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "SinkCheckpointError", "load_sink_tables", "read_sink_manifest",
-    "save_sink_tables", "shard_file_name", "table_key",
+    "save_sink_tables", "shard_file_name", "table_key", "write_sink_files", "write_sink_manifest",
 ]
 
 FORMAT = "nulls-sink-tables"
@@ -119,12 +119,21 @@ def save_sink_tables(
     with each file's final path once it is in place (logging; tests use it to
     kill the process mid-save).
     """
+    part = write_sink_files(dir, tables, optimizer_state, progress)
+    return write_sink_manifest(dir, [part], disabled_sources)
+
+
+def write_sink_files(
+    dir: str | os.PathLike,
+    tables: Sequence[SinkTable],
+    optimizer_state: OptimizerState | None = None,
+    progress: Callable[[Path], None] | None = None,
+) -> dict:
+    """The shard files of ``tables`` without a manifest; returns a JSON-able *part* (layers, digests,
+    shared fields) for :func:`write_sink_manifest`. Pipeline stages each write their own layers and
+    one rank writes the manifest from every stage's part."""
     common = _common(tables)
     optim_names = _check_optimizer_state(tables, optimizer_state) if optimizer_state else []
-    sources = [int(s) for s in disabled_sources]
-    bad = [s for s in sources if not 0 <= s < ID_LIMIT]
-    if bad:
-        raise ValueError(f"disabled_sources: ids {bad[:5]} are outside [0, 2**32)")
     a = tables[0].assignment
     rows = a.shard_size
     out = Path(dir) / SINKS_DIR
@@ -147,19 +156,46 @@ def save_sink_tables(
             digests[name] = sha256_file(out / name)
             if progress is not None:
                 progress(out / name)
+    return {"common": common, "layers": sorted(t.layer_number for t in tables),
+            "optimizer_tensors": optim_names, "files": digests}
+
+
+def write_sink_manifest(dir: str | os.PathLike, parts: Sequence[dict], disabled_sources: Iterable[int] = ()) -> Path:
+    """Write ``dir/sinks/manifest.json`` over the files of ``parts`` (from :func:`write_sink_files`),
+    after checking that the parts agree and cover distinct layers; returns its path."""
+    if not parts:
+        raise ValueError("sink manifest: no parts given")
+    sources = [int(s) for s in disabled_sources]
+    bad = [s for s in sources if not 0 <= s < ID_LIMIT]
+    if bad:
+        raise ValueError(f"disabled_sources: ids {bad[:5]} are outside [0, 2**32)")
+    common, optim_names = parts[0]["common"], parts[0]["optimizer_tensors"]
+    layers: list[int] = []
+    digests: dict[str, str] = {}
+    for part in parts:
+        for field, mine in (("common", common), ("optimizer_tensors", optim_names)):
+            if part[field] != mine:
+                raise ValueError(f"sink manifest: parts disagree on {field}: {part[field]} vs {mine}")
+        clash = set(layers) & set(part["layers"])
+        if clash:
+            raise ValueError(f"sink manifest: layers {sorted(clash)} were written twice")
+        layers += part["layers"]
+        digests.update(part["files"])
+    a = common["assignment"]
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "dtype": common["dtype"],
         "hidden_size": common["hidden_size"],
-        "weight_shape": [a.n_pool, 3, common["hidden_size"]],
-        "shard_rows": rows,
-        "assignment": common["assignment"],
-        "layers": sorted(t.layer_number for t in tables),
+        "weight_shape": [a["n_pool"], 3, common["hidden_size"]],
+        "shard_rows": a["n_pool"] // a["n_shards"],
+        "assignment": a,
+        "layers": sorted(layers),
         "optimizer_tensors": optim_names,
         "disabled_sources": sources,
-        "files": digests,
+        "files": dict(sorted(digests.items())),
     }
+    out = Path(dir) / SINKS_DIR
     with atomic_file(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     # A re-save into the same dir with fewer layers must not leave stale shards behind.

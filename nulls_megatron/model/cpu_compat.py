@@ -195,9 +195,13 @@ def apply_cpu_compat() -> bool:
 
 
 class _CudaDeviceToCpu(TorchFunctionMode):
-    """Turn ``device="cuda"`` in factory calls into the CPU (used around pipeline schedules only)."""
+    """Turn ``device="cuda"`` in factory calls into the CPU, and ``Tensor.cuda()`` into a no-op
+    (used around pipeline schedules, the optimizer, and building a model whose tied embedding
+    is split over pipeline stages: language_module.py syncs it with ``weight.data.cuda()``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda:
+            return args[0]
         kwargs = kwargs or {}
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":

@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..config import Config
 from ..sinks.routing import SinkMode, SinkRouting
 from .attention_mask import block_causal_mask
-from .cpu_compat import apply_cpu_compat, cpu_transformer_config_overrides
+from .cpu_compat import apply_cpu_compat, cpu_transformer_config_overrides, pipeline_schedule_compat
 from .layer_spec import nulls_gpt_layer_spec
 from .nulls_mlp import NullsMegatronMLP, RoutingContext
 
@@ -147,9 +147,10 @@ class NullsGPTModel(GPTModel):
 def build_nulls_gpt(cfg: Config, **config_overrides) -> NullsGPTModel:
     """The model for this pipeline stage; model parallelism must be initialised first."""
     config = transformer_config(cfg, **config_overrides)
-    return NullsGPTModel(
-        config,
-        cfg,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
+    with pipeline_schedule_compat():  # a tied embedding split over stages is synced via Tensor.cuda()
+        return NullsGPTModel(
+            config,
+            cfg,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )

@@ -20,7 +20,9 @@ from .packing import PackedRows
 
 def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # clone: the schedule divides the returned loss by the number of micro-batches *in place*,
+    # and a plain detach() shares its storage (the logged loss came out halved with 2 micro-batches).
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def _forward_step(data_iterator: Iterator[PackedRows], model):

@@ -300,11 +300,15 @@ class MlflowTracker(Tracker):
         self.run_id = None
 
 
-def format_progress(step: int, total_steps: int, loss: float, tokens_per_s: float, elapsed_s: float) -> str:
-    """``step 120/1000 (12.0%) | loss 3.4521 | 45.2k tok/s | elapsed 1m05s | ETA 7m57s``."""
+def format_progress(step: int, total_steps: int, loss: float, tokens_per_s: float, elapsed_s: float,
+                    start_step: int = 0) -> str:
+    """``step 120/1000 (12.0%) | loss 3.4521 | 45.2k tok/s | elapsed 1m05s | ETA 7m57s``.
+
+    ``elapsed_s`` is the time since this process started at ``start_step`` (after a resume, the
+    ETA extrapolates from the steps run since then)."""
     pct = 100.0 * step / total_steps if total_steps > 0 else 0.0
-    if step > 0 and total_steps > 0:
-        eta = _duration(max(total_steps - step, 0) * elapsed_s / step)
+    if step > start_step and total_steps > 0:
+        eta = _duration(max(total_steps - step, 0) * elapsed_s / (step - start_step))
     else:
         eta = "?"
     return (f"step {step}/{total_steps} ({pct:.1f}%) | loss {loss:.4f} | {_si(tokens_per_s)} tok/s | "

@@ -1,0 +1,45 @@
+"""Global gradient norm over a tensor- and pipeline-parallel model, and clipping by it.
+
+Each parameter's gradient is counted once over the whole model: tensor-parallel
+shards are summed over the TP group, replicated parameters (norms, sink tables)
+are counted on TP rank 0 only, and the tied output weight on the last pipeline
+stage (a copy of the first stage's embedding, marked ``shared``) is skipped. The
+squared sums are all-reduced over the model-parallel group, so every rank gets
+the same norm. Plain torch ops only, so it runs on CPU (Megatron's version asserts
+CUDA tensors).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from megatron.core import parallel_state
+
+
+def _counted_once(param: torch.nn.Parameter) -> bool:
+    if getattr(param, "shared", False):
+        return False
+    return bool(getattr(param, "tensor_model_parallel", False)) or parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def global_grad_norm(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> float:
+    """L2 norm of the full model's gradient (after data-parallel reduction), the same on every rank."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for param, grad in zip(params, grads):
+        if grad is not None and _counted_once(param):
+            total += grad.detach().double().pow(2).sum().cpu()
+    if torch.distributed.is_initialized():
+        # The model-parallel group spans TP x PP of one replica; DP replicas hold equal gradients.
+        torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return float(total.sqrt())
+
+
+def clip_by_global_norm(grads: Sequence[torch.Tensor | None], norm: float, max_norm: float) -> float:
+    """Scale ``grads`` in place so that their global norm is at most ``max_norm``; returns the factor."""
+    factor = max_norm / (norm + 1e-6)
+    if factor >= 1.0:
+        return 1.0
+    for grad in grads:
+        if grad is not None:
+            grad.mul_(factor)
+    return factor

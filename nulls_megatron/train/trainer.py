@@ -1,0 +1,163 @@
+"""`nulls train`: the training loop, the same on 2 CPU processes (gloo) and on a GPU cluster (NCCL).
+
+One step: every data-parallel replica draws ``global_batch_rows / (micro_batch_rows x DP)``
+micro-batches from its slice of the shards, the engine runs forward/backward through the
+pipeline schedule, reduces and clips gradients and takes an AdamW step at the scheduled lr.
+Rank 0 prints a progress line and logs metrics to MLflow; checkpoints are written every
+``save_every`` steps and at the end, and a restarted job continues from ``latest`` with
+bit-identical results (same data, same weights, same optimizer state).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from ..config import Config, ConfigError, Engine as EngineName, Precision
+from ..model.gpt import build_nulls_gpt
+from ..model.parallel import init_model_parallel
+from ..sinks.assignment import assignment_from_config
+from .checkpointing import latest_checkpoint, load_checkpoint, prepare_checkpoint_root, save_checkpoint
+from .engines.base import Engine
+from .loader import PackedLoader
+from .lr_schedule import learning_rate
+from .sink_stats import sink_statistics
+from .tracking import Tracker, TrackingSettings, create_tracker, format_progress
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps_run: int  # steps taken by this process (after a resume: since the resume)
+    final_step: int
+    losses: list[float] = field(default_factory=list)  # per step, last pipeline stage (empty elsewhere)
+    resumed_from: str | None = None
+    run_id: str | None = None
+    checkpoint: str | None = None
+
+
+def _set_cpu_threads() -> None:
+    """Processes on one CPU host share its cores: oversubscribed OpenMP threads spin against each
+    other (measured here: a tiny step went from 50 ms to 2.2 s with 2 ranks x 2 threads on 2 cores)."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0] or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def micro_batches_per_step(cfg: Config, dp_world: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_rows * dp_world
+    if t.global_batch_rows % per_step:
+        raise ConfigError(f"train.global_batch_rows ({t.global_batch_rows}) is not a multiple of "
+                          f"train.micro_batch_rows x data-parallel size ({t.micro_batch_rows} x {dp_world})")
+    return t.global_batch_rows // per_step
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, num_micro_batches: int) -> Engine:
+    bf16 = cfg.train.precision is Precision.BF16 or (cfg.train.precision is Precision.AUTO and torch.cuda.is_available())
+    if cfg.train.engine is EngineName.DEEPSPEED:
+        from .engines.deepspeed_zero import DeepSpeedZeroEngine
+
+        return DeepSpeedZeroEngine(model, cfg, num_micro_batches)
+    from .engines.megatron_ddp import MegatronDDPEngine
+
+    return MegatronDDPEngine(model, cfg, bf16=bf16)
+
+
+def _pipeline_loss(loss: float | None) -> float:
+    """The last stage's loss on every rank (rank 0 logs; with PP it sits on the first stage)."""
+    value = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(value)
+
+
+def _global_tokens(batches) -> int:
+    count = torch.tensor([sum(int(b.loss_mask.sum()) for b in batches)], dtype=torch.int64)
+    dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    return int(count)
+
+
+MAX_ARTIFACT_BYTES = 64 << 20  # the 6M-article manifest (~hundreds of MB) is referenced, not copied
+
+
+def _artifacts(cfg: Config, config_path: str | None) -> list[Path]:
+    data = Path(cfg.train.data)
+    candidates = [Path(config_path)] if config_path else []
+    candidates += [data / "prep_report.json", data / "shard_index.json", data / "manifest.parquet"]
+    return [p for p in candidates if p.is_file() and p.stat().st_size <= MAX_ARTIFACT_BYTES]
+
+
+def train(cfg: Config, config_path: str | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) the run in ``cfg.train.run_dir``. ``stop_after`` ends this process after
+    that many steps with a checkpoint, as a preempted job would (used by the resume tests)."""
+    if not cfg.train.data:
+        raise ConfigError(f"{config_path or 'config'}: train.data: set it to the output directory of `nulls prep`")
+    _set_cpu_threads()
+    init_model_parallel(cfg.parallel, cfg.seed)
+    rank, dp_rank = dist.get_rank(), parallel_state.get_data_parallel_rank()
+    dp_world = parallel_state.get_data_parallel_world_size()
+    n_micro = micro_batches_per_step(cfg, dp_world)
+    loader = PackedLoader(cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows,
+                          vocab_size=cfg.model.vocab_size, seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world,
+                          verify=cfg.train.verify_shards)
+    engine = build_engine(cfg, build_nulls_gpt(cfg), n_micro)
+    assignment = assignment_from_config(cfg.nulls)
+    prepare_checkpoint_root(cfg)
+
+    start, tokens, disabled, resumed = 0, 0, [], latest_checkpoint(cfg)
+    if resumed is not None:
+        state, disabled = load_checkpoint(resumed, engine, loader)
+        start, tokens = int(state["step"]), int(state["tokens"])
+        if rank == 0:
+            print(f"resuming from {resumed} (step {start})", flush=True)
+
+    t, total = cfg.train, cfg.train.steps
+    result = TrainResult(steps_run=0, final_step=start, resumed_from=str(resumed) if resumed else None)
+    tracking = cfg.tracking
+    tracker = create_tracker(settings=TrackingSettings(experiment=tracking.experiment,
+                                                      on_unavailable=tracking.on_unavailable,
+                                                      flush_every_steps=tracking.flush_every_steps)) \
+        if tracking.enabled else Tracker()
+    with tracker:
+        result.run_id = tracker.start(cfg.train.run_dir, cfg, run_name=tracking.run_name or None,
+                                      tags={"nulls.engine": t.engine.value, "nulls.world_size": dist.get_world_size()},
+                                      artifacts=_artifacts(cfg, config_path))
+        began, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
+        end = total if stop_after is None else min(total, start + stop_after)
+        step = start
+        for step in range(start, end):
+            batches = [next(loader) for _ in range(n_micro)]
+            lr = learning_rate(step, total, cfg.optimizer)
+            loss, grad_norm = engine.train_step(batches, lr)
+            step_tokens = _global_tokens(batches)
+            tokens += step_tokens
+            window_tokens += step_tokens
+            loss = _pipeline_loss(loss)
+            if parallel_state.is_pipeline_last_stage():
+                result.losses.append(loss)
+            done = step + 1
+            if done % t.log_every == 0 or done == end:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": tokens}
+                metrics.update(sink_statistics(batches, assignment, parallel_state.get_data_parallel_group()))
+                tracker.log_step(done, metrics)
+                if rank == 0:
+                    print(format_progress(done, total, loss, tps, now - began, start_step=start), flush=True)
+                window_start, window_tokens = now, 0
+            if (t.save_every and done % t.save_every == 0) or done == end:
+                result.checkpoint = str(save_checkpoint(cfg, done, engine, loader, tokens, disabled))
+        result.final_step = end if end > start else start
+        result.steps_run = max(end - start, 0)
+    dist.barrier()
+    return result
