@@ -156,7 +156,11 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
                     print(format_progress(done, total, loss, tps, now - began, start_step=start), flush=True)
                 window_start, window_tokens = now, 0
             if (t.save_every and done % t.save_every == 0) or done == end:
+                saving = time.perf_counter()
                 result.checkpoint = str(save_checkpoint(cfg, done, engine, loader, tokens, disabled))
+                if rank == 0:
+                    print(f"checkpoint {result.checkpoint} ({time.perf_counter() - saving:.1f}s)", flush=True)
+                window_start += time.perf_counter() - saving  # tokens/s measures training, not saving
         result.final_step = end if end > start else start
         result.steps_run = max(end - start, 0)
     dist.barrier()

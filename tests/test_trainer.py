@@ -1,0 +1,130 @@
+"""`nulls train` end to end on real-text shards, 2 gloo ranks (DP=2): checkpoints, bit-identical resume,
+a SIGKILL in the middle of a save, MLflow records; then TP=2 x PP=2 on 4 ranks, resumed as TP=1 x PP=4.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from launch.local import RankFailedError, run_local
+from tests.train_helpers import ARTICLES, train_config, write_prep_dir
+
+pytestmark = pytest.mark.skipif(not ARTICLES.is_file(), reason=f"{ARTICLES} is missing: these tests need its real text")
+STEPS, SAVE_EVERY = 6, 3
+
+
+def _cfg(data, run_dir, **sections):
+    sections.setdefault("train", {}).update({"steps": STEPS, "save_every": SAVE_EVERY})
+    return train_config(data, run_dir, **sections)
+
+
+def killed_during_second_save(rank: int, world_size: int, data: str, run_dir: str) -> None:
+    """Train; rank 0 SIGKILLs itself after every rank wrote the step-6 files, before the rename."""
+    import nulls_megatron.train.checkpointing as checkpointing
+    from nulls_megatron.train.trainer import train
+
+    real = checkpointing.write_sink_manifest
+
+    def write_then_die(dir, parts, disabled_sources=()):
+        path = real(dir, parts, disabled_sources)
+        if "step-000000006" in str(dir):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    checkpointing.write_sink_manifest = write_then_die
+    train(_cfg(data, run_dir))
+
+
+def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
+    from nulls_megatron.checkpoint.atomic import read_latest
+    from nulls_megatron.train.trainer import train
+
+    full = train(_cfg(data, f"{root}/full"))
+    first = train(_cfg(data, f"{root}/split"), stop_after=SAVE_EVERY)
+    second = train(_cfg(data, f"{root}/split"))
+    killed_latest = read_latest(f"{root}/killed/checkpoints")
+    killed_entries = sorted(os.listdir(f"{root}/killed/checkpoints"))
+    after_kill = train(_cfg(data, f"{root}/killed"))
+    return {"full": full, "first": first, "second": second, "after_kill": after_kill,
+            "killed_latest": str(killed_latest), "killed_entries": killed_entries}
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory) -> Path:
+    return write_prep_dir(tmp_path_factory.mktemp("prep"))
+
+
+def test_train_resume_kill_and_tracking(prep, tmp_path):
+    data = str(prep)
+    with pytest.raises(RankFailedError, match="killed by signal 9|died|SIGKILL|signal"):
+        run_local(killed_during_second_save, 2, data, str(tmp_path / "killed"), timeout=300)
+    rank0, rank1 = run_local(resume_worker, 2, data, str(tmp_path), timeout=600)
+
+    full = rank0["full"]
+    assert full.final_step == STEPS and full.steps_run == STEPS and full.resumed_from is None
+    assert len(full.losses) == STEPS and full.losses[-1] < full.losses[0]
+    assert rank1["full"].losses == full.losses, "both DP ranks report the global batch's loss"
+    # Stopped after 3 steps and restarted: the same losses, bit for bit.
+    first, second = rank0["first"], rank0["second"]
+    assert first.final_step == SAVE_EVERY and second.resumed_from.endswith("step-000000003")
+    assert first.losses + second.losses == full.losses
+    # Killed while saving step 6: `latest` still named step 3, the debris went away, the rerun matched.
+    assert rank0["killed_latest"].endswith("step-000000003")
+    assert any(e.startswith(".step-000000006.tmp-") for e in rank0["killed_entries"]), rank0["killed_entries"]
+    after = rank0["after_kill"]
+    assert after.resumed_from.endswith("step-000000003") and after.losses == full.losses[SAVE_EVERY:]
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000000003", "step-000000006"]
+
+    # The checkpoint layout.
+    step6 = tmp_path / "full" / "checkpoints" / "step-000000006"
+    assert (tmp_path / "full" / "checkpoints" / "latest").read_text().strip() == "step-000000006"
+    state = json.loads((step6 / "train_state.json").read_text())
+    assert state["step"] == STEPS and state["optimizer_steps"] == STEPS and state["parallel"]["data"] == 2
+    assert [s["dp_rank"] for s in state["loaders"]] == [0, 1]
+    sinks = json.loads((step6 / "sinks" / "manifest.json").read_text())
+    assert sinks["layers"] == [0, 1] and sinks["optimizer_tensors"] == ["exp_avg", "exp_avg_sq"]
+    assert len(sinks["files"]) == 4  # 2 layers x 2 pool shards
+    assert (step6 / "backbone").is_dir() and (step6 / "config.yaml").is_file()
+
+    # MLflow: the run in the local sqlite store, with params, metrics, tags.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'full' / 'mlflow.db'}")
+    run = client.get_run(full.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden_size"] == "64" and run.data.params["train.engine"] == "megatron"
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "sink/live_sinks", "sink/sources", "sink/tokens_shard_000"):
+        history = client.get_metric_history(full.run_id, key)
+        assert [m.step for m in history] == list(range(1, STEPS + 1)), key
+    losses = [m.value for m in client.get_metric_history(full.run_id, "loss")]
+    assert losses == pytest.approx(full.losses, rel=1e-6)
+    live = [m.value for m in client.get_metric_history(full.run_id, "sink/live_sinks")]
+    assert all(12 <= v <= 192 for v in live), live  # at least one source's k=12 sinks, at most the pool
+
+
+def reshard_worker(rank: int, world_size: int, data: str, root: str) -> dict:
+    from nulls_megatron.train.trainer import train
+
+    layout = {"model": {"num_layers": 4}, "parallel": {"tensor_parallel": 2, "pipeline_parallel": 2}}
+    steps = {"steps": 4, "save_every": 2}
+    whole = train(train_config(data, f"{root}/tp2pp2", train=dict(steps), **layout))
+    half = train(train_config(data, f"{root}/switch", train=dict(steps), **layout), stop_after=2)
+    # The same run continued as TP=1 x PP=4: the backbone checkpoint reshards.
+    rest = train(train_config(data, f"{root}/switch", train=dict(steps), model={"num_layers": 4},
+                              parallel={"tensor_parallel": 1, "pipeline_parallel": 4}))
+    return {"whole": whole.losses, "half": half.losses, "rest": rest.losses, "resumed": rest.resumed_from}
+
+
+def test_tensor_and_pipeline_parallel_on_4_ranks_resumed_in_another_layout(prep, tmp_path):
+    results = run_local(reshard_worker, 4, str(prep), str(tmp_path), timeout=600)
+    last = results[3]  # the last pipeline stage in both layouts
+    assert last["resumed"].endswith("step-000000002")
+    assert len(last["whole"]) == 4 and last["whole"][-1] < last["whole"][0]
+    assert last["half"] == last["whole"][:2]
+    # Another TP/PP split changes the order of floating-point sums, not the math.
+    assert last["rest"] == pytest.approx(last["whole"][2:], abs=2e-5)
