@@ -1,7 +1,6 @@
 """Backbone checkpoints: saved at TP=2, loaded at TP=1 x PP=2 and TP=1 (resharding), sinks left out, mismatches refused."""
 from __future__ import annotations
 
-import contextlib
 import pickle
 import re
 import shutil
@@ -66,18 +65,6 @@ def _compare(model, full: dict[str, torch.Tensor], moments, label: str) -> list[
     return bad
 
 
-@contextlib.contextmanager
-def _tensor_cuda_is_identity():
-    """Megatron's tied-embedding setup across pipeline stages calls ``weight.data.cuda()``
-    (LanguageModule.setup_embeddings_and_output_layer), which cpu_compat does not cover yet."""
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
-
-
 def backbone_worker(rank: int, world_size: int, root: str) -> dict:
     from megatron.core import parallel_state
 
@@ -112,8 +99,7 @@ def backbone_worker(rank: int, world_size: int, root: str) -> dict:
 
     # TP=1 x PP=2 (tied embeddings: the last stage holds output_layer.weight): load, compare, save again.
     init_single_process_megatron(pipeline_parallel=2)
-    with _tensor_cuda_is_identity():
-        stage = build_nulls_gpt(tiny_config(per_layer_sinks=True, pipeline_parallel=2))
+    stage = build_nulls_gpt(tiny_config(per_layer_sinks=True, pipeline_parallel=2))
     sinks_before = {n: p.detach().clone() for n, p in stage.named_parameters() if _is_sink(n)}
     loaded_moments, common = load_backbone(root / "a", stage, with_moments=True)
     out["common"] = common

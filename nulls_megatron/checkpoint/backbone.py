@@ -45,7 +45,6 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     TorchDistLoadShardedStrategy,
     TorchDistSaveShardedStrategy,
 )
-from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType
 
@@ -91,19 +90,11 @@ def _sink_tensor_ids(model: torch.nn.Module) -> set[int]:
     return ids
 
 
-def _pp_offsets(sh: ShardedTensor) -> tuple[tuple[int, int, int], ...]:
-    """The prepended (layer-stacking) axes of ``sh`` as the ``sharded_offsets`` that built them."""
-    return tuple((axis, sh.global_offset[axis], sh.global_shape[axis]) for axis in range(sh.prepend_axis_num))
-
-
 def backbone_sharded_state_dict(model: torch.nn.Module) -> dict[str, ShardedEntry]:
-    """``model.sharded_state_dict()`` without sink tables or ``ShardedObject``s, fc1 as gate|up halves.
+    """``model.sharded_state_dict()`` without sink tables or ``ShardedObject``s.
 
-    Megatron's own MLP declares its gated fc1 (rank r holds [gate_r; up_r]) as two
-    sharded halves so that it reshards across TP sizes; ``NullsMegatronMLP`` inherits
-    MegatronModule's plain per-rank sharding, which would interleave gate and up
-    rows wrongly at another TP size, so the factory is applied here (unless the
-    model already returns one).
+    The gated fc1 must come as gate|up halves (``NullsMegatronMLP.sharded_state_dict`` declares
+    it so, as Megatron's MLP does): a plain per-rank shard would not reshard across TP sizes.
     """
     sinks, sink_ids = _sink_prefixes(model), _sink_tensor_ids(model)
     fc1_keys = {
@@ -126,8 +117,8 @@ def backbone_sharded_state_dict(model: torch.nn.Module) -> dict[str, ShardedEntr
             raise BackboneCheckpointError(f"{key}: unexpected {type(entry).__name__} in the model's sharded state dict")
         if id(entry.data) in sink_ids:
             raise BackboneCheckpointError(f"{key}: a sink-table tensor outside the sink modules' keys")
-        if key in fc1_keys and isinstance(entry, ShardedTensor):
-            entry = apply_swiglu_sharded_factory(entry, _pp_offsets(entry))
+        if key in fc1_keys and not isinstance(entry, ShardedTensorFactory):
+            raise BackboneCheckpointError(f"{key}: the gated fc1 must be a gate|up sharded factory to reshard across TP sizes")
         out[key] = entry
     return out
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.transformer.mlp import MLPSubmodules, apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -104,6 +105,19 @@ class NullsMegatronMLP(MegatronModule):
     def set_layer_number(self, layer_number: int) -> None:
         """Called by Megatron's TransformerLayer with the global 1-based layer number."""
         self.sinks.layer_number = layer_number - 1
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """As Megatron's MLP: rank r's fc1 holds [gate_r; up_r], so it is declared as two sharded
+        halves (gate, up) that reshard across TP sizes; a plain per-rank shard would interleave
+        gate and up rows wrongly when loaded at another TP size. The sink table is included
+        under ``sinks.*``; the backbone checkpoint drops it (sink tables are saved on their own)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        for name in ("weight", "bias"):
+            key = f"{prefix}linear_fc1.{name}"
+            if isinstance(state.get(key), ShardedTensor):
+                state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets, singleton)
+        return state
 
     def forward(self, hidden_states: torch.Tensor, **unused) -> tuple[torch.Tensor, None]:
         routing = self.routing_context.current()
