@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.trainer import train
 
     result = train(cfg, config_path=args.config)
-    if result.losses:
+    if result.losses and int(os.environ.get("RANK", "0")) == 0:
         print(f"train: {result.steps_run} steps, final step {result.final_step}, last loss {result.losses[-1]:.4f}, "
               f"checkpoint {result.checkpoint}")
     return 0

@@ -128,3 +128,25 @@ def test_tensor_and_pipeline_parallel_on_4_ranks_resumed_in_another_layout(prep,
     assert last["half"] == last["whole"][:2]
     # Another TP/PP split changes the order of floating-point sums, not the math.
     assert last["rest"] == pytest.approx(last["whole"][2:], abs=2e-5)
+
+
+def test_nulls_train_command_with_two_processes(prep, tmp_path):
+    """The user-facing command: `nulls train --config x.yaml --nproc 2 --set ...` (torchrun underneath)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = train_config(prep, tmp_path / "run", train={"steps": 2, "save_every": 0})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=lambda v: v.value))))
+    nulls = Path(sys.executable).with_name("nulls")
+    out = subprocess.run([str(nulls), "train", "--config", str(config), "--nproc", "2", "--set", "train.log_every=1",
+                          "--set", "tracking.enabled=false"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step 2/2 (100.0%) | loss " in out.stdout and " tok/s | elapsed " in out.stdout and "ETA" in out.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000000002"
+    assert not (tmp_path / "run" / "mlflow.db").exists(), "tracking.enabled=false writes no MLflow store"
+    bad = subprocess.run([str(nulls), "train", "--config", str(config), "--set", "train.global_batch_rows=3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "train.global_batch_rows" in bad.stderr and "tiny.yaml" in bad.stderr
