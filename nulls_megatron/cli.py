@@ -70,9 +70,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prep_cfg = load_prep_config(args.prep_config, [f"tokenizer.vocab_size={cfg.model.vocab_size}"], output_dir=str(prep_dir))
     summary = run_prep(prep_cfg)
     print(f"demo: prep wrote {summary['sources']} sources, {summary['tokens']:,} tokens in {summary['shards']} shards to {prep_dir}")
-    documents, titles = documents_from_prep(prep_dir)
+    _, titles = documents_from_prep(prep_dir)
     options = DemoOptions(epochs=args.epochs, max_doc_tokens=args.max_doc_tokens, batch_rows=args.batch_rows, lr=args.lr, forget=args.forget, seed=args.seed)
-    run_demo(cfg, documents, titles, options, out)
+    run_demo(cfg, prep_dir, titles, options, out, config_path=args.config)
     return 0
 
 

@@ -110,6 +110,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 1  # steps between progress lines and metric records
     verify_shards: bool = True  # sha256 of every shard against the index when first opened
+    max_document_tokens: int = 0  # cut every document to this many tokens (0: whole documents)
 
 
 @dataclass
@@ -146,7 +147,8 @@ def _fail(origin: str, path: str, message: str) -> typing.NoReturn:
 def _validate(cfg: Config, origin: str) -> None:
     m, n, p, o, t = cfg.model, cfg.nulls, cfg.parallel, cfg.optimizer, cfg.train
     may_be_zero = {"optimizer.min_lr", "optimizer.warmup_steps", "optimizer.weight_decay",
-                   "optimizer.sink_weight_decay", "optimizer.clip_grad", "train.save_every"}
+                   "optimizer.sink_weight_decay", "optimizer.clip_grad", "train.save_every",
+                   "train.max_document_tokens"}
     for section, name in ((m, "model"), (n, "nulls"), (p, "parallel"), (o, "optimizer"), (t, "train")):
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)

@@ -1,22 +1,22 @@
 """The end-to-end demo on one CPU: train a tiny NULLs GPT on real articles, then
 forget a few of them by switching their sinks off, and show what changed.
 
-It runs the real components (Megatron-core GPT with NULLs MLPs, packed rows
-with block-diagonal attention, AdamW) in one process. The forget-set numbers it
+It runs the real components in one process: the trainer of `nulls train` (Megatron-core
+GPT with NULLs MLPs, the shard loader with packed rows and block-diagonal attention, AdamW,
+MLflow, checkpoints), then reloads the final checkpoint as a deployment would. The forget-set numbers it
 prints are before/after, not against a retrained oracle: that is `nulls eval`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .checkpoint.atomic import atomic_file
 from .config import Config
@@ -77,44 +77,48 @@ def mean_over(losses: dict[int, float], sources: Sequence[int]) -> float:
     return float(np.mean([losses[s] for s in sources]))
 
 
-def run_demo(cfg: Config, documents: list[tuple[int, np.ndarray]], titles: dict[int, str], options: DemoOptions, out_dir: Path) -> dict:
+def demo_train_config(cfg: Config, prep_dir: Path, documents: list[tuple[int, np.ndarray]], options: DemoOptions,
+                      out_dir: Path) -> Config:
+    """``cfg`` with a ``train`` section for the demo: ``options.epochs`` passes over the cut documents."""
+    tokens = sum(min(len(t), options.max_doc_tokens) for _, t in documents)
+    steps = options.epochs * math.ceil(math.ceil(tokens / cfg.model.seq_length) / options.batch_rows)
+    return dataclasses.replace(
+        cfg,
+        optimizer=dataclasses.replace(cfg.optimizer, lr=options.lr, min_lr=0.0, warmup_steps=options.warmup),
+        train=dataclasses.replace(
+            cfg.train, data=str(prep_dir), run_dir=str(out_dir / "train"), steps=steps,
+            micro_batch_rows=options.batch_rows, global_batch_rows=options.batch_rows,
+            max_document_tokens=options.max_doc_tokens, save_every=0, log_every=max(1, steps // 20),
+        ),
+        seed=options.seed,
+    )
+
+
+def run_demo(cfg: Config, prep_dir: Path, titles: dict[int, str], options: DemoOptions, out_dir: Path,
+             config_path: str | None = None) -> dict:
+    """Train with the real trainer (`nulls train`), reload the final checkpoint the way a deployment
+    would (backbone + sink tables, no optimizer), forget, and compare losses."""
+    from .checkpoint.backbone import load_backbone
+    from .checkpoint.sinks import load_sink_tables
     from .model.gpt import build_nulls_gpt
     from .model.parallel import init_model_parallel
+    from .train.trainer import train
+
+    documents, _ = documents_from_prep(prep_dir)
+    cfg = demo_train_config(cfg, prep_dir, documents, options, out_dir)
+    sources = sorted({s for s, _ in documents})
+    print(f"demo: {len(documents)} documents as {len(sources)} sources (each cut to {options.max_doc_tokens} tokens), "
+          f"{options.epochs} epochs = {cfg.train.steps} steps of {options.batch_rows} rows x {cfg.model.seq_length} tokens")
+    result = train(cfg, config_path=config_path)
+    checkpoint = Path(result.checkpoint)
+    print(f"demo: trained to loss {result.losses[-1]:.3f}; checkpoint {checkpoint}")
 
     init_model_parallel(cfg.parallel, cfg.seed)
     model = build_nulls_gpt(cfg)
+    load_backbone(checkpoint, model, with_moments=False)
+    load_sink_tables(checkpoint, [mlp.sinks for mlp in model.nulls_mlps()])
     documents = [(s, t[: options.max_doc_tokens]) for s, t in documents]
     rows = PackedRows.stack(list(pack_documents(documents, cfg.model.seq_length)))
-    sources = sorted({s for s, _ in documents})
-    steps = options.epochs * math.ceil(len(rows) / options.batch_rows)
-    print(f"demo: {len(documents)} documents as {len(sources)} sources (each cut to {options.max_doc_tokens} tokens), "
-          f"{len(rows)} packed rows of {cfg.model.seq_length} tokens, {options.epochs} epochs = {steps} steps")
-
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=options.lr, betas=(0.9, 0.95))
-    schedule = lambda step: min(1.0, (step + 1) / options.warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    gen = torch.Generator().manual_seed(options.seed)
-    order = torch.randperm(len(rows), generator=gen)
-    cursor = 0
-    start = time.perf_counter()
-    progress = tqdm(range(steps), desc="train", unit="step")
-    for step in progress:
-        if cursor + options.batch_rows > len(order):
-            order, cursor = torch.randperm(len(rows), generator=gen), 0
-        idx = order[cursor : cursor + options.batch_rows]
-        cursor += options.batch_rows
-        loss = model(rows.tokens[idx], labels=rows.labels[idx], source_ids=rows.source_ids[idx], document_ids=rows.document_ids[idx])
-        mask = rows.loss_mask[idx]
-        loss = (loss * mask).sum() / mask.sum().clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        tokens_per_s = (step + 1) * options.batch_rows * cfg.model.seq_length / (time.perf_counter() - start)
-        progress.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
 
     # The forget set: a seeded draw among the sources, reproducible from the options.
     forget = sorted(torch.randperm(len(sources), generator=torch.Generator().manual_seed(options.seed + 1))[: options.forget].tolist())
@@ -130,9 +134,11 @@ def run_demo(cfg: Config, documents: list[tuple[int, np.ndarray]], titles: dict[
     report = {
         "sources": len(sources),
         "rows": len(rows),
-        "steps": steps,
+        "steps": cfg.train.steps,
         "epochs": options.epochs,
-        "final_train_loss": loss.item(),
+        "final_train_loss": result.losses[-1],
+        "checkpoint": str(checkpoint),
+        "mlflow_run_id": result.run_id,
         "forgotten": [{"source": s, "title": titles.get(s, ""), "loss_before": before[s], "loss_after": after[s]} for s in forget],
         "forget_loss_before": mean_over(before, forget),
         "forget_loss_after_own_sinks_off": mean_over(after, forget),

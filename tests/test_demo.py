@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,3 +32,11 @@ def test_demo_runs_prep_training_and_forgetting(tmp_path):
     )
     assert 0 < report["pool_fraction_disabled"] <= 3 * 32 / 2048
     assert (tmp_path / "prep" / "manifest.parquet").is_file()
+    # Trained by the real trainer: a checkpoint named by `latest` and a finished MLflow run beside it.
+    latest = (tmp_path / "train" / "checkpoints" / "latest").read_text().strip()
+    assert report["checkpoint"].endswith(latest) and (tmp_path / "train" / "checkpoints" / latest / "sinks" / "manifest.json").is_file()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'train' / 'mlflow.db'}").get_run(report["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["loss"] == pytest.approx(report["final_train_loss"])
+    assert f"step {report['steps']}/{report['steps']} (100.0%)" in out.stdout

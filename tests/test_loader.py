@@ -180,3 +180,22 @@ def test_errors_name_the_file(prep_dir, tmp_path):
         PackedLoader(prep_dir, 32, 2, vocab_size=VOCAB, dp_rank=0, dp_world=100)
     with pytest.raises(ValueError, match=r"dp_rank must be in \[0, 2\), got 2"):
         PackedLoader(prep_dir, 32, 2, vocab_size=VOCAB, dp_rank=2, dp_world=2)
+
+
+def test_documents_cut_to_max_document_tokens_and_resumed_exactly(prep_dir, documents):
+    cut = 40
+    expected = Counter((s, int(a), int(b)) for s, t in documents.items() for a, b in zip(t[:cut - 1], t[1:cut]))
+    loader = PackedLoader(prep_dir, 32, 4, vocab_size=VOCAB, seed=3, epochs=1, max_document_tokens=cut)
+    batches = list(loader)
+    assert labelled(batches) == expected  # every document's first `cut` tokens, nothing beyond
+    straight = PackedLoader(prep_dir, 32, 2, vocab_size=VOCAB, seed=3, max_document_tokens=cut)
+    take(straight, 3)
+    state = json.loads(json.dumps(straight.state_dict()))
+    ahead = take(straight, 4)
+    resumed = PackedLoader(prep_dir, 32, 2, vocab_size=VOCAB, seed=3, max_document_tokens=cut)
+    resumed.load_state_dict(state)
+    assert all(same(a, b) for a, b in zip(ahead, take(resumed, 4)))
+    with pytest.raises(ValueError, match="loader state has max_document_tokens=40, this loader 0"):
+        PackedLoader(prep_dir, 32, 2, vocab_size=VOCAB, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="max_document_tokens must be >= 0"):
+        PackedLoader(prep_dir, 32, 2, vocab_size=VOCAB, max_document_tokens=-1)

@@ -267,6 +267,17 @@ def _safe_readers() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _quiet_torch_dcp() -> Iterator[None]:
+    """torch 2.13 deprecates the ShardedTensor / load_state_dict API that megatron-core 0.16 loads
+    through, and says so on every load (three FutureWarnings a rank); nothing for a user to act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(DTensor|load_state_dict. is deprecated).*")
+        yield
+
+
+@contextlib.contextmanager
 def _in_process_write_queue() -> Iterator[None]:
     """Collect the writers' results in a plain queue during a synchronous save.
 
@@ -470,7 +481,7 @@ def load_backbone(dir: str | os.PathLike, model: torch.nn.Module, with_moments: 
         error = str(e)
     _agree(error)
 
-    with _safe_readers():
+    with _safe_readers(), _quiet_torch_dcp():
         loaded = dist_checkpointing.load(
             state, str(out), sharded_strategy=TorchDistLoadShardedStrategy(), common_strategy=_SafeCommonLoadStrategy()
         )

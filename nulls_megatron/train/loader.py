@@ -194,13 +194,15 @@ class PackedLoader:
 
     def __init__(self, prep_dir: str | Path, seq_length: int, micro_batch_rows: int, *, vocab_size: int,
                  seed: int = 0, dp_rank: int = 0, dp_world: int = 1, verify: bool = True,
-                 epochs: int | None = None, pad_token: int = 0) -> None:
+                 epochs: int | None = None, pad_token: int = 0, max_document_tokens: int = 0) -> None:
         for name, value, low in (("seq_length", seq_length, 2), ("micro_batch_rows", micro_batch_rows, 1),
                                  ("vocab_size", vocab_size, 1), ("dp_world", dp_world, 1), ("seed", seed, 0)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank must be in [0, {dp_world}), got {dp_rank}")
+        if max_document_tokens < 0:
+            raise ValueError(f"max_document_tokens must be >= 0 (0: whole documents), got {max_document_tokens}")
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs must be >= 1 or None, got {epochs}")
         self.index = read_shard_index(prep_dir)
@@ -208,7 +210,7 @@ class PackedLoader:
             raise LoaderError(f"{self.index.path}: {self.index.documents} documents cannot feed {dp_world} data-parallel ranks")
         self.seq_length, self.micro_batch_rows, self.vocab_size = seq_length, micro_batch_rows, vocab_size
         self.seed, self.dp_rank, self.dp_world, self.verify = seed, dp_rank, dp_world, verify
-        self.epochs, self.pad_token = epochs, pad_token
+        self.epochs, self.pad_token, self.max_document_tokens = epochs, pad_token, max_document_tokens
         self._counts = np.array([e.documents for e in self.index.shards], dtype=np.int64)
         self._plan_cache: tuple[int, tuple] | None = None
         self._cursor = (0, 0, 0)  # (epoch, position in this rank's block, token offset): the next row's first token
@@ -261,6 +263,8 @@ class PackedLoader:
             nonlocal stream
             skip = offset  # only the cursor's document starts mid-way
             for e, p, source, tokens in self._documents(epoch, pos):
+                if self.max_document_tokens:
+                    tokens = tokens[: self.max_document_tokens]
                 if tokens.size == 0:
                     self.empty_documents += 1
                     continue
@@ -303,6 +307,7 @@ class PackedLoader:
         """Where the next batch starts: a small JSON-able dict for the checkpoint."""
         epoch, pos, offset = self._cursor
         return {"format": STATE_FORMAT, "index_sha256": self.index.sha256, "seed": self.seed,
+                "max_document_tokens": self.max_document_tokens,
                 "dp_rank": self.dp_rank, "dp_world": self.dp_world, "epoch": epoch, "position": pos,
                 "offset": offset, "batches": self.batches, "empty_documents": self.empty_documents}
 
@@ -316,9 +321,9 @@ class PackedLoader:
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"loader state format {state['format']}, this loader reads {STATE_FORMAT}")
         for name, mine in (("index_sha256", self.index.sha256), ("seed", self.seed), ("dp_rank", self.dp_rank),
-                           ("dp_world", self.dp_world)):
-            if state[name] != mine:
-                raise ValueError(f"loader state has {name}={state[name]!r}, this loader {mine!r} ({self.index.path})")
+                           ("dp_world", self.dp_world), ("max_document_tokens", self.max_document_tokens)):
+            if state.get(name, 0 if name == "max_document_tokens" else None) != mine:
+                raise ValueError(f"loader state has {name}={state.get(name)!r}, this loader {mine!r} ({self.index.path})")
         epoch, pos, offset = (int(state[k]) for k in ("epoch", "position", "offset"))
         if epoch < 0 or pos < 0 or offset < 0 or pos > self.epoch_plan(epoch)[3] - self.epoch_plan(epoch)[2]:
             raise ValueError(f"loader state cursor (epoch {epoch}, position {pos}, offset {offset}) is out of range")

@@ -109,7 +109,7 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
     n_micro = micro_batches_per_step(cfg, dp_world)
     loader = PackedLoader(cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows,
                           vocab_size=cfg.model.vocab_size, seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world,
-                          verify=cfg.train.verify_shards)
+                          verify=cfg.train.verify_shards, max_document_tokens=cfg.train.max_document_tokens)
     engine = build_engine(cfg, build_nulls_gpt(cfg), n_micro)
     assignment = assignment_from_config(cfg.nulls)
     prepare_checkpoint_root(cfg)
