@@ -158,3 +158,47 @@ def test_tensor_parallel_2_equals_1():
                 torch.testing.assert_close(
                     tp2["grads"][step][name], g1, atol=1e-5, rtol=1e-4, msg=lambda m: f"rank {rank} step {step} {name}: {m}"
                 )
+
+
+def test_bf16_model_through_float16_module_follows_the_fp32_model(megatron_world):
+    """The GPU training path's model side on CPU: built in bf16 (train/precision.py), wrapped in
+    Megatron's Float16Module as the Megatron engine does; sinks route in bf16 and gradients reach
+    only the owned sink rows."""
+    from megatron.core.transformer.module import Float16Module
+
+    from nulls_megatron.train.precision import bf16_model_overrides
+
+    from nulls_megatron.model.gpt import build_nulls_gpt
+
+    reference = build()
+    model = build_nulls_gpt(tiny_config(), **bf16_model_overrides())
+    wrapped = Float16Module(model.config, model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.copy_(q)
+    tokens, labels, sources = packed_batch()
+    loss = wrapped(tokens, labels=labels, source_ids=sources)
+    assert loss.dtype == torch.float32, "Float16Module hands the last stage's output back in fp32"
+    expected = reference(tokens, labels=labels, source_ids=sources)
+    assert (loss.mean() - expected.mean()).abs() < 0.02 * expected.mean()
+    loss.mean().backward()
+    table = model.nulls_mlps()[0].sinks
+    owned = table.assignment.sinks_of(sources.unique()).unique()
+    touched = table.weight.grad.abs().sum(dim=(1, 2)).nonzero().squeeze(1)
+    assert set(touched.tolist()) <= set(owned.tolist()) and touched.numel() > 0
+
+
+def test_precision_is_bf16_on_gpu_and_fp32_on_cpu():
+    from nulls_megatron.config import ConfigError, Precision
+    from nulls_megatron.train.precision import use_bf16
+
+    cfg = tiny_config()
+    cfg.train.precision = Precision.AUTO
+    assert use_bf16(cfg) is torch.cuda.is_available()
+    cfg.train.precision = Precision.FP32
+    assert use_bf16(cfg) is False
+    if not torch.cuda.is_available():
+        cfg.train.precision = Precision.BF16
+        with pytest.raises(ConfigError, match="train.precision: bf16 trains on GPUs only"):
+            use_bf16(cfg)

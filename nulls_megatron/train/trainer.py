@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from ..config import Config, ConfigError, Engine as EngineName, Precision
+from ..config import Config, ConfigError, Engine as EngineName
 from ..model.gpt import build_nulls_gpt
 from ..model.parallel import init_model_parallel
 from ..sinks.assignment import assignment_from_config
@@ -28,6 +28,7 @@ from .checkpointing import latest_checkpoint, load_checkpoint, prepare_checkpoin
 from .engines.base import Engine
 from .loader import PackedLoader
 from .lr_schedule import learning_rate
+from .precision import bf16_model_overrides, use_bf16
 from .sink_stats import sink_statistics
 from .tracking import Tracker, TrackingSettings, create_tracker, format_progress
 
@@ -62,14 +63,17 @@ def micro_batches_per_step(cfg: Config, dp_world: int) -> int:
     return t.global_batch_rows // per_step
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, num_micro_batches: int) -> Engine:
-    bf16 = cfg.train.precision is Precision.BF16 or (cfg.train.precision is Precision.AUTO and torch.cuda.is_available())
+def build_model_and_engine(cfg: Config, num_micro_batches: int) -> Engine:
+    """This rank's model and its engine. DeepSpeed casts an fp32-built model to bf16 itself;
+    for Megatron the model is built in bf16 and the engine wraps it in Float16Module."""
+    bf16 = use_bf16(cfg)
     if cfg.train.engine is EngineName.DEEPSPEED:
         from .engines.deepspeed_zero import DeepSpeedZeroEngine
 
-        return DeepSpeedZeroEngine(model, cfg, num_micro_batches)
+        return DeepSpeedZeroEngine(build_nulls_gpt(cfg), cfg, num_micro_batches)
     from .engines.megatron_ddp import MegatronDDPEngine
 
+    model = build_nulls_gpt(cfg, **(bf16_model_overrides() if bf16 else {}))
     return MegatronDDPEngine(model, cfg, bf16=bf16)
 
 
@@ -110,7 +114,7 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
     loader = PackedLoader(cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows,
                           vocab_size=cfg.model.vocab_size, seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world,
                           verify=cfg.train.verify_shards, max_document_tokens=cfg.train.max_document_tokens)
-    engine = build_engine(cfg, build_nulls_gpt(cfg), n_micro)
+    engine = build_model_and_engine(cfg, n_micro)
     assignment = assignment_from_config(cfg.nulls)
     prepare_checkpoint_root(cfg)
 

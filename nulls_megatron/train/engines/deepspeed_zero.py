@@ -21,7 +21,8 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from ...config import Config, Precision
+from ..precision import use_bf16
+from ...config import Config
 from ..packing import PackedRows
 from .base import OPTIMIZER_MOMENTS, Engine
 from .param_groups import adamw_param_groups
@@ -58,19 +59,6 @@ def import_deepspeed() -> Any:
 def _masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     # Same reduction as train/step.py::_masked_mean_loss, so both engines report the same loss.
     return (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-
-
-def _use_bf16(precision: Precision) -> bool:
-    if precision is Precision.FP32:
-        return False
-    if torch.cuda.is_available():
-        return True
-    if precision is Precision.BF16:
-        raise ValueError(
-            "train.precision=bf16: the deepspeed engine trains in bf16 only on a GPU and in fp32 on "
-            "CPU; use train.precision=auto or fp32 on a machine without CUDA"
-        )
-    return False
 
 
 def deepspeed_config(cfg: Config, num_micro_batches: int, bf16: bool) -> dict[str, Any]:
@@ -147,7 +135,7 @@ class DeepSpeedZeroEngine(Engine):
         self.module = model
         self._dp_group = parallel_state.get_data_parallel_group()
         self._dp_size = parallel_state.get_data_parallel_world_size()
-        self._bf16 = _use_bf16(cfg.train.precision)
+        self._bf16 = use_bf16(cfg)
         optimizer = torch.optim.AdamW(
             adamw_param_groups(model, opt),
             lr=opt.lr,

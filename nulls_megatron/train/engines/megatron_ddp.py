@@ -20,6 +20,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.transformer.module import Float16Module
 
 from ...config import Config
 from ...model.cpu_compat import pipeline_schedule_compat
@@ -29,7 +30,8 @@ from ..packing import PackedRows
 from .base import OPTIMIZER_MOMENTS, Engine
 from .param_groups import classify_parameters
 
-GROUP_KEY = "nulls_group"  # our tag on each Megatron param group: decay / no_decay / sinks
+GROUP_KEY = "nulls_group"
+MAIN_PARAM = "main_param"  # bf16 only: the fp32 master weight, saved beside the moments  # our tag on each Megatron param group: decay / no_decay / sinks
 
 
 class MegatronDDPEngine(Engine):
@@ -39,13 +41,22 @@ class MegatronDDPEngine(Engine):
         opt = cfg.optimizer
         self._decay = {"decay": opt.weight_decay, "no_decay": 0.0, "sinks": opt.sink_weight_decay}
         transformer_config = model.config
+        self.bf16 = bf16
+        if bf16:
+            if not transformer_config.bf16:
+                raise ValueError("MegatronDDPEngine(bf16=True) needs a model built with bf16 "
+                                 "(build_nulls_gpt(cfg, **precision.bf16_model_overrides()))")
+            # Casts first-stage float inputs to bf16 and the last stage's output back to fp32.
+            model_for_ddp = Float16Module(transformer_config, model)
+        else:
+            model_for_ddp = model
         self.ddp = DistributedDataParallel(
             config=transformer_config,
             # average_in_collective=False: grads are scaled by 1/DP before a sum, the same arithmetic
             # on every backend; overlap off: on gloo an overlapped reduce buys nothing.
             ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                      use_distributed_optimizer=False),
-            module=model,
+            module=model_for_ddp,
         )
         # The schedule calls these: reduce across DP and tied embeddings after the last micro-batch,
         # and no reduction for the micro-batches before it.
@@ -121,12 +132,23 @@ class MegatronDDPEngine(Engine):
         raise KeyError("parameter is not managed by this engine's optimizer")
 
     def moments(self, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        """AdamW's moments; under bf16 also ``main_param``, the fp32 master weight the optimizer
+        steps (the bf16 weight alone would lose the low bits a bit-exact resume needs)."""
         state = self._state_of(param)
-        return {name: state[name].detach().clone() if name in state else torch.zeros_like(param, dtype=torch.float32)
-                for name in OPTIMIZER_MOMENTS}
+        out = {name: state[name].detach().clone() if name in state else torch.zeros_like(param, dtype=torch.float32)
+               for name in OPTIMIZER_MOMENTS}
+        if self.bf16:
+            out[MAIN_PARAM] = self._state_param(param).detach().clone()
+        return out
 
     def load_moments(self, moments: Iterable[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]], steps: int) -> None:
         for param, values in moments:
+            main = self._state_param(param)
+            if main is not param:
+                # The optimizer copied the weights into its fp32 masters when it was built, before
+                # the checkpoint was loaded: refresh them (exactly, when the checkpoint has them).
+                with torch.no_grad():
+                    main.copy_(values[MAIN_PARAM].reshape(main.shape) if MAIN_PARAM in values else param.float())
             state = self._state_of(param)
             state.clear()
             state["step"] = torch.tensor(float(steps))
