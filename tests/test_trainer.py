@@ -49,8 +49,14 @@ def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     killed_latest = read_latest(f"{root}/killed/checkpoints")
     killed_entries = sorted(os.listdir(f"{root}/killed/checkpoints"))
     after_kill = train(_cfg(data, f"{root}/killed"))
+    # The DeepSpeed engine through the same checkpoints (ZeRO-2 moments gathered over DP and restored).
+    zero = {"engine": "deepspeed", "zero_stage": 2, "steps": 4, "save_every": 2}
+    ds_full = train(train_config(data, f"{root}/ds_full", train=dict(zero)))
+    ds_first = train(train_config(data, f"{root}/ds_split", train=dict(zero)), stop_after=2)
+    ds_second = train(train_config(data, f"{root}/ds_split", train=dict(zero)))
     return {"full": full, "first": first, "second": second, "after_kill": after_kill,
-            "killed_latest": str(killed_latest), "killed_entries": killed_entries}
+            "killed_latest": str(killed_latest), "killed_entries": killed_entries,
+            "ds": (ds_full.losses, ds_first.losses, ds_second.losses)}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +85,10 @@ def test_train_resume_kill_and_tracking(prep, tmp_path):
     assert after.resumed_from.endswith("step-000000003") and after.losses == full.losses[SAVE_EVERY:]
     ckpts = tmp_path / "killed" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000000003", "step-000000006"]
+
+    ds_full, ds_first, ds_second = rank0["ds"]
+    assert len(ds_full) == 4 and ds_first + ds_second == ds_full, "DeepSpeed: resume is bit-identical too"
+    assert ds_full[:2] == pytest.approx(full.losses[:2], abs=1e-4), "both engines train the same model the same way"
 
     # The checkpoint layout.
     step6 = tmp_path / "full" / "checkpoints" / "step-000000006"
