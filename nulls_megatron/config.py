@@ -137,7 +137,9 @@ class Config:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON-able values (enums as their strings)."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: v.value if isinstance(v, enum.Enum) else v
+                                                                   for k, v in items})
 
 
 def _fail(origin: str, path: str, message: str) -> typing.NoReturn:

@@ -154,6 +154,8 @@ def _slurm_conf(root: Path, host: str, ctld_port: int, slurmd_port: int, user: s
     # MinJobAge=5: `sbatch --wait` multiplies its poll interval by 4 (2, 8, 32 s)
     # while it is below MinJobAge/2, which at the default 300 wastes ~30 s per
     # job; at 5 it polls every 2 s, and finished jobs stay >= 5 s in scontrol.
+    # cred_expire (default 120 s) is also how long a requeued job waits before it
+    # may start again; 10 s keeps the requeue test short.
     return f"""\
 ClusterName=nullstest
 SlurmctldHost={host}(127.0.0.1)
@@ -163,7 +165,7 @@ SlurmUser={user}
 SlurmdUser={user}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge.socket
+AuthInfo=socket={root}/munge.socket,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid

@@ -199,3 +199,39 @@ def test_documents_cut_to_max_document_tokens_and_resumed_exactly(prep_dir, docu
         PackedLoader(prep_dir, 32, 2, vocab_size=VOCAB, seed=3).load_state_dict(state)
     with pytest.raises(ValueError, match="max_document_tokens must be >= 0"):
         PackedLoader(prep_dir, 32, 2, vocab_size=VOCAB, max_document_tokens=-1)
+
+
+def test_prefetching_hands_out_the_same_batches_and_checkpoints_what_it_handed_out(prep_dir, tmp_path):
+    from nulls_megatron.train.prefetch import PrefetchLoader
+
+    def plain() -> PackedLoader:
+        return PackedLoader(prep_dir, 32, 3, vocab_size=VOCAB, seed=7, dp_rank=0, dp_world=2)
+
+    reference, states = plain(), []
+    batches = []
+    for _ in range(12):
+        batches.append(next(reference))
+        states.append(reference.state_dict())
+    ahead = PrefetchLoader(plain(), depth=4)
+    assert ahead.state_dict() == plain().state_dict()
+    for k in range(5):
+        assert same(next(ahead), batches[k])
+        assert ahead.state_dict() == states[k], "the state counts batches handed out, not read ahead"
+    ahead.close()  # rewinds the inner loader past the read-ahead batches
+    assert same(next(ahead), batches[5]) and ahead.state_dict() == states[5]
+    resumed = PrefetchLoader(plain(), depth=2)
+    resumed.load_state_dict(states[7])
+    assert all(same(next(resumed), b) for b in batches[8:12])
+    resumed.close()
+    with pytest.raises(ValueError, match="prefetch depth must be >= 1"):
+        PrefetchLoader(plain(), depth=0)
+    # An error in the reading thread reaches the consumer, with the file named.
+    copy = _copy(prep_dir, tmp_path)
+    (copy / SHARD_DIR / shard_name(2)).unlink()
+    failing = PrefetchLoader(PackedLoader(copy, 32, 2, vocab_size=VOCAB, epochs=1))
+    with pytest.raises(LoaderError, match=f"{shard_name(2)}: shard listed in .* is missing"):
+        list(failing)
+    finite = PrefetchLoader(PackedLoader(prep_dir, 32, 4, vocab_size=VOCAB, seed=3, epochs=1))
+    assert sum(len(b) for b in finite) == sum(len(b) for b in PackedLoader(prep_dir, 32, 4, vocab_size=VOCAB, seed=3, epochs=1))
+    with pytest.raises(StopIteration):
+        next(finite)

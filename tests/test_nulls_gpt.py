@@ -16,12 +16,19 @@ STEPS, LR = 3, 0.5
 @pytest.fixture(scope="module")
 def megatron_world():
     """A one-process gloo group with Megatron's model-parallel state, for in-process tests."""
+    import os
+
+    saved = dict(os.environ)
     init_single_process_megatron()
     yield
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
+    # init exports RANK/WORLD_SIZE/MASTER_PORT; left behind, they would make later subprocesses
+    # (torchrun re-exec, benchmarks) join this dead group's port instead of choosing their own.
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def build(cfg=None):

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,81 @@ def test_sbatch_torchrun_smoke_one_node_two_ranks(slurm_cluster, tmp_path):
     assert [r["local_rank"] for r in ranks] == [0, 1]
     assert all(r["all_reduce"] == 3.0 and r["world_size"] == 2 for r in ranks)
     assert all(r["slurm_job_id"] == job_id and r["node_id"] == 0 for r in ranks)
+
+
+STEPS = 60  # long enough that the signal at step 3 arrives well before the end
+
+
+def test_sbatch_pretrain_script_one_node_two_cpu_ranks(slurm_cluster, tmp_path):
+    """slurm/pretrain_6m.sh end to end on 2 gloo ranks: CONFIG, OVERRIDES and RUN_DIR reach the
+    trainer, which writes its checkpoint and an MLflow run into the run directory. Mid-run the job
+    gets SLURM's pre-timeout signal (USR1 to the batch shell): the trainer checkpoints, the job
+    requeues itself, and its second start resumes and finishes the same run."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from tests.train_helpers import train_config, write_prep_dir
+
+    prep = write_prep_dir(tmp_path / "prep")
+    # The tiny model of the training tests; data and run_dir are placeholders that the job's
+    # OVERRIDES and RUN_DIR must replace.
+    tiny = train_config("", "runs/placeholder-not-used").to_dict()
+    tiny["train"].update(engine="megatron", precision="fp32")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny, sort_keys=False))
+    run_dir = tmp_path / "run"
+    output = tmp_path / "job.out"
+    exports = {
+        "PYTHON": sys.executable,
+        "REPO_DIR": str(REPO),
+        "NPROC_PER_NODE": "2",
+        "CONFIG": str(config),
+        "OVERRIDES": f"train.data={prep} train.steps={STEPS} train.save_every=1000",
+        "RUN_DIR": str(run_dir),
+        "MASTER_PORT": str(find_free_port()),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{run_dir}/mlflow.db",  # the trainer's default, whatever the caller's env
+    }
+    # sbatch's --export splits on commas only: the space-separated OVERRIDES stay one value.
+    waiting = subprocess.Popen(
+        ["sbatch", "--wait", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2",
+         "--time=00:09:00", f"--output={output}", f"--chdir={REPO}",
+         "--export=ALL," + ",".join(f"{k}={v}" for k, v in exports.items()),
+         str(REPO / "slurm" / "pretrain_6m.sh")],
+        env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    job_id = waiting.stdout.readline().strip().split(";")[0]
+    deadline = time.monotonic() + 300
+    while f"step 3/{STEPS}" not in (output.read_text(errors="replace") if output.exists() else ""):
+        assert waiting.poll() is None and time.monotonic() < deadline, f"no progress:\n{slurm_cluster.log_tails()}"
+        time.sleep(0.5)
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])  # what --signal=B:USR1@300 sends
+    _, stderr = waiting.communicate(timeout=600)
+    log = output.read_text(errors="replace") if output.exists() else "(no job output)"
+    assert waiting.returncode == 0, f"{stderr}\njob output:\n{log}\n{slurm_cluster.log_tails()}"
+    stopped = re.search(r"stopped after step (\d+) \(.*STOP\); rerun the same command to resume", log)
+    assert "time limit near: checkpointing, then requeueing" in log and stopped, log
+    assert f"job {job_id} (start 2)" in log and f"resuming from {run_dir}/checkpoints/step-{int(stopped.group(1)):09d}" in log, log
+
+    record = _job_record(slurm_cluster, job_id)
+    if record:
+        assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", record
+    assert f"job {job_id} (start 1): 1 node(s) x 2 process(es), rendezvous 127.0.0.1:{exports['MASTER_PORT']}" in log
+    assert f"run_dir {run_dir}, {STEPS} steps of 4 x 64 tokens" in log and "starting at step 0" in log, log
+    assert f"final step {STEPS}" in log, log
+    assert f"job {job_id}: training exited with 0" in log, log
+    assert not (REPO / "runs" / "placeholder-not-used").exists()
+
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{STEPS:09d}"
+    state = json.loads((checkpoints / f"step-{STEPS:09d}" / "train_state.json").read_text())
+    assert state["step"] == STEPS and state["parallel"] == {"tensor": 1, "pipeline": 1, "data": 2}
+    assert len(state["loaders"]) == 2
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    experiment = client.get_experiment_by_name("nulls-tests")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.tags["nulls.resume_count"] == "1", "the second start continued the same MLflow run"
+    assert run.data.params["train.run_dir"] == str(run_dir)
+    losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in losses] == list(range(1, STEPS + 1))

@@ -49,6 +49,28 @@ def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     killed_latest = read_latest(f"{root}/killed/checkpoints")
     killed_entries = sorted(os.listdir(f"{root}/killed/checkpoints"))
     after_kill = train(_cfg(data, f"{root}/killed"))
+    # Stop requests: the STOP file (SLURM's pre-timeout trap) and SIGUSR1 to one rank. Both stop every
+    # rank after the same step with a checkpoint; rerunning finishes the run as if never stopped.
+    Path(f"{root}/stopfile").mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        Path(f"{root}/stopfile/STOP").touch()
+    stopped_by_file = train(_cfg(data, f"{root}/stopfile"))
+    finished_after_file = train(_cfg(data, f"{root}/stopfile"))
+    import nulls_megatron.train.trainer as trainer
+
+    real_lr = trainer.learning_rate
+
+    def lr_and_signal(step, total, opt):
+        if step == 1 and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_lr(step, total, opt)
+
+    trainer.learning_rate = lr_and_signal
+    stopped_by_signal = train(_cfg(data, f"{root}/signal"))
+    trainer.learning_rate = real_lr
+    finished_after_signal = train(_cfg(data, f"{root}/signal"))
+    stops = [(r.final_step, r.stopped_by, r.losses) for r in
+             (stopped_by_file, finished_after_file, stopped_by_signal, finished_after_signal)]
     # The DeepSpeed engine through the same checkpoints (ZeRO-2 moments gathered over DP and restored).
     zero = {"engine": "deepspeed", "zero_stage": 2, "steps": 4, "save_every": 2}
     ds_full = train(train_config(data, f"{root}/ds_full", train=dict(zero)))
@@ -56,7 +78,7 @@ def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     ds_second = train(train_config(data, f"{root}/ds_split", train=dict(zero)))
     return {"full": full, "first": first, "second": second, "after_kill": after_kill,
             "killed_latest": str(killed_latest), "killed_entries": killed_entries,
-            "ds": (ds_full.losses, ds_first.losses, ds_second.losses)}
+            "ds": (ds_full.losses, ds_first.losses, ds_second.losses), "stops": stops}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +108,12 @@ def test_train_resume_kill_and_tracking(prep, tmp_path):
     ckpts = tmp_path / "killed" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000000003", "step-000000006"]
 
+    for results in (rank0["stops"], rank1["stops"]):
+        (file_step, file_reason, file_losses), (end1, none1, rest1), (sig_step, sig_reason, sig_losses), (end2, none2, rest2) = results
+        assert (file_step, end1, sig_step, end2) == (1, STEPS, 2, STEPS) and none1 is none2 is None
+        assert file_reason.endswith("STOP") and sig_reason == "SIGUSR1"
+        assert file_losses + rest1 == full.losses and sig_losses + rest2 == full.losses
+    assert not (tmp_path / "stopfile" / "STOP").exists(), "the STOP file is consumed"
     ds_full, ds_first, ds_second = rank0["ds"]
     assert len(ds_full) == 4 and ds_first + ds_second == ds_full, "DeepSpeed: resume is bit-identical too"
     assert ds_full[:2] == pytest.approx(full.losses[:2], abs=1e-4), "both engines train the same model the same way"
@@ -149,7 +177,7 @@ def test_nulls_train_command_with_two_processes(prep, tmp_path):
 
     cfg = train_config(prep, tmp_path / "run", train={"steps": 2, "save_every": 0})
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=lambda v: v.value))))
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
     nulls = Path(sys.executable).with_name("nulls")
     out = subprocess.run([str(nulls), "train", "--config", str(config), "--nproc", "2", "--set", "train.log_every=1",
                           "--set", "tracking.enabled=false"], capture_output=True, text=True, timeout=300)

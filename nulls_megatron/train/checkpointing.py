@@ -33,7 +33,7 @@ from ..config import Config
 from ..sinks.table import SinkTable
 from .engines.base import Engine
 from .engines.param_groups import sink_parameters
-from .loader import PackedLoader
+from .prefetch import PrefetchLoader
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def prepare_checkpoint_root(cfg: Config) -> Path:
     return root
 
 
-def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PackedLoader, tokens: int,
+def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PrefetchLoader, tokens: int,
                     disabled_sources: list[int]) -> Path:
     """Collective: every rank calls it after optimizer step ``step``. Returns the final directory."""
     root = checkpoint_root(cfg)
@@ -96,7 +96,7 @@ def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PackedLoader
             with atomic_file(tmp / TRAIN_STATE) as f:
                 f.write_text(json.dumps(_train_state(cfg, step, engine, tokens, loader_states), indent=1) + "\n")
             with atomic_file(tmp / "config.yaml") as f:
-                f.write_text(yaml.safe_dump(_plain_config(cfg), sort_keys=False))
+                f.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     if dist.get_rank() == 0:
         with atomic_dir(final) as tmp:
@@ -134,10 +134,6 @@ def _train_state(cfg: Config, step: int, engine: Engine, tokens: int, loader_sta
     }
 
 
-def _plain_config(cfg: Config) -> dict:
-    return json.loads(json.dumps(cfg.to_dict(), default=lambda v: getattr(v, "value", str(v))))
-
-
 def read_train_state(path: Path) -> dict:
     file = path / TRAIN_STATE
     try:
@@ -155,7 +151,7 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     return read_latest(checkpoint_root(cfg))
 
 
-def load_checkpoint(path: Path, engine: Engine, loader: PackedLoader) -> tuple[dict, list[int]]:
+def load_checkpoint(path: Path, engine: Engine, loader: PrefetchLoader) -> tuple[dict, list[int]]:
     """Collective: restore weights, moments, optimizer steps and this rank's loader position from
     ``path``. Returns (train state, disabled sources of the sink manifest)."""
     state = read_train_state(path)

@@ -9,12 +9,15 @@ bit-identical results (same data, same weights, same optimizer state).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import sys
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,12 +30,53 @@ from ..sinks.assignment import assignment_from_config
 from .checkpointing import latest_checkpoint, load_checkpoint, prepare_checkpoint_root, save_checkpoint
 from .engines.base import Engine
 from .loader import PackedLoader
+from .prefetch import PrefetchLoader
 from .lr_schedule import learning_rate
 from .precision import bf16_model_overrides, use_bf16
 from .sink_stats import sink_statistics
 from .tracking import Tracker, TrackingSettings, create_tracker, format_progress
 
 logger = logging.getLogger(__name__)
+
+
+STOP_FILE = "STOP"  # <run_dir>/STOP: checkpoint after the current step and exit (SLURM's pre-timeout trap writes it)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """A request to checkpoint and exit early: SIGTERM/SIGUSR1 to any rank, or ``<run_dir>/STOP``.
+
+    Checked once per step with one all-reduce, so every rank stops after the same step; a file
+    works across nodes whatever the launcher does with signals (torchrun kills its workers
+    30 s after forwarding SIGTERM, too soon for a large checkpoint).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.file = run_dir / STOP_FILE
+        self.signal: int | None = None
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._received)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _received(self, signum: int, frame) -> None:
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank saw a request; ``reason`` then names it on every rank."""
+        flags = torch.tensor([self.signal or 0, int(dist.get_rank() == 0 and self.file.exists())])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, file = (int(v) for v in flags)
+        self.reason = signal.Signals(signum).name if signum else str(self.file) if file else None
+        return self.reason is not None
 
 
 @dataclass
@@ -43,6 +87,7 @@ class TrainResult:
     resumed_from: str | None = None
     run_id: str | None = None
     checkpoint: str | None = None
+    stopped_by: str | None = None  # a signal name or the STOP file, when stopped before train.steps
 
 
 def _set_cpu_threads() -> None:
@@ -111,9 +156,10 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
     rank, dp_rank = dist.get_rank(), parallel_state.get_data_parallel_rank()
     dp_world = parallel_state.get_data_parallel_world_size()
     n_micro = micro_batches_per_step(cfg, dp_world)
-    loader = PackedLoader(cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows,
-                          vocab_size=cfg.model.vocab_size, seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world,
-                          verify=cfg.train.verify_shards, max_document_tokens=cfg.train.max_document_tokens)
+    loader = PrefetchLoader(PackedLoader(
+        cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows, vocab_size=cfg.model.vocab_size,
+        seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world, verify=cfg.train.verify_shards,
+        max_document_tokens=cfg.train.max_document_tokens), depth=2 * n_micro)
     engine = build_model_and_engine(cfg, n_micro)
     assignment = assignment_from_config(cfg.nulls)
     prepare_checkpoint_root(cfg)
@@ -132,7 +178,7 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
                                                       on_unavailable=tracking.on_unavailable,
                                                       flush_every_steps=tracking.flush_every_steps)) \
         if tracking.enabled else Tracker()
-    with tracker:
+    with tracker, StopRequest(Path(cfg.train.run_dir)) as stop, contextlib.closing(loader):
         result.run_id = tracker.start(cfg.train.run_dir, cfg, run_name=tracking.run_name or None,
                                       tags={"nulls.engine": t.engine.value, "nulls.world_size": dist.get_world_size()},
                                       artifacts=_artifacts(cfg, config_path))
@@ -159,13 +205,22 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
                 if rank == 0:
                     print(format_progress(done, total, loss, tps, now - began, start_step=start), flush=True)
                 window_start, window_tokens = now, 0
-            if (t.save_every and done % t.save_every == 0) or done == end:
+            stopping = done < end and stop.agreed()
+            if (t.save_every and done % t.save_every == 0) or done == end or stopping:
                 saving = time.perf_counter()
                 result.checkpoint = str(save_checkpoint(cfg, done, engine, loader, tokens, disabled))
                 if rank == 0:
                     print(f"checkpoint {result.checkpoint} ({time.perf_counter() - saving:.1f}s)", flush=True)
                 window_start += time.perf_counter() - saving  # tokens/s measures training, not saving
-        result.final_step = end if end > start else start
-        result.steps_run = max(end - start, 0)
+            if stopping:
+                result.stopped_by = stop.reason
+                if rank == 0:
+                    stop.file.unlink(missing_ok=True)
+                    print(f"stopped after step {done} ({result.stopped_by}); rerun the same command to resume", flush=True)
+                break
+        else:
+            step = end - 1
+        result.final_step = max(step + 1, start)
+        result.steps_run = result.final_step - start
     dist.barrier()
     return result
