@@ -171,6 +171,14 @@ def mlflow_server(tmp_path):
         log.close()
 
 
+def _train_against_server(rank: int, world_size: int, data: str, run_dir: str) -> dict:
+    from nulls_megatron.train.trainer import train
+    from tests.train_helpers import train_config
+
+    result = train(train_config(data, run_dir, train={"steps": 3, "save_every": 0}))
+    return {"run_id": result.run_id, "losses": result.losses}
+
+
 def test_real_mlflow_server(tmp_path, monkeypatch, caplog, mlflow_server):
     mlflow_server, stop_server = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -192,6 +200,22 @@ def test_real_mlflow_server(tmp_path, monkeypatch, caplog, mlflow_server):
     grad = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "grad_norm"))
     assert grad == [(s, 0.5 + s) for s in range(7)]
     assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "sinks_manifest.json"}
+
+    # `nulls train` itself against the server: 2 ranks, 3 steps, read back through the server.
+    from launch.local import run_local
+    from tests.train_helpers import ARTICLES, write_prep_dir
+
+    if ARTICLES.is_file():
+        prep = write_prep_dir(tmp_path / "prep", documents=16)
+        trained = run_local(_train_against_server, 2, str(prep), str(tmp_path / "trained"), timeout=300)[0]
+        run = client.get_run(trained["run_id"])
+        assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "3"
+        assert run.data.tags["nulls.engine"] == "megatron" and run.data.tags["world_size"] == "2"
+        losses = sorted((m.step, m.value) for m in client.get_metric_history(trained["run_id"], "loss"))
+        assert [s for s, _ in losses] == [1, 2, 3] and [v for _, v in losses] == pytest.approx(trained["losses"], rel=1e-6)
+        assert client.get_metric_history(trained["run_id"], "sink/live_sinks")
+        assert "shard_index.json" in {a.path for a in client.list_artifacts(trained["run_id"])}
+        assert not (tmp_path / "trained" / "mlflow.db").exists(), "the server, not a local store, got the run"
 
     # the server dies mid-run: training goes on, the tracker only warns
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
