@@ -4,6 +4,8 @@ Module-level so that spawned ranks can import them.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from nulls_megatron.config import config_from_dict
@@ -66,3 +68,12 @@ def gather_full(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     torch.distributed.all_gather(shards, tensor.detach().contiguous(), group=group)
     pieces = [shard.chunk(stride, dim=dim) for shard in shards]
     return torch.cat([pieces[r][j] for j in range(stride) for r in range(world)], dim=dim)
+
+
+def global_param_name(model, name: str) -> str:
+    """Parameter name in the PP=1 model: a stage's local layer index -> its global layer number - 1."""
+    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+    if not match:
+        return name
+    layer = model.decoder.layers[int(match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"

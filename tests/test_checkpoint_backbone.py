@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pickle
-import re
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from launch.local import run_local
-from tests.nulls_gpt_helpers import gather_full, init_single_process_megatron, packed_batch, tiny_config
+from tests.nulls_gpt_helpers import gather_full, global_param_name, init_single_process_megatron, packed_batch, tiny_config
 
 STEPS, LR = 2, 0.5
 COMMON = {"step": 2, "lr": 0.5, "note": "two SGD steps"}
@@ -19,14 +18,6 @@ COMMON = {"step": 2, "lr": 0.5, "note": "two SGD steps"}
 def fake_moments(param: torch.Tensor) -> dict[str, torch.Tensor]:
     """Elementwise in the parameter, so a shard's moments are the shard of the full tensor's moments."""
     return {"exp_avg": 0.5 * param.detach() + 0.125, "exp_avg_sq": param.detach() ** 2 + 0.01}
-
-
-def _global_name(model, name: str) -> str:
-    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-    if not match:
-        return name
-    layer = model.decoder.layers[int(match.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
 
 
 def _is_sink(name: str) -> bool:
@@ -44,7 +35,7 @@ def _copy_sinks(model, full: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if _is_sink(name):
-                p.copy_(full[_global_name(model, name)])
+                p.copy_(full[global_param_name(model, name)])
 
 
 def _compare(model, full: dict[str, torch.Tensor], moments, label: str) -> list[str]:
@@ -53,7 +44,7 @@ def _compare(model, full: dict[str, torch.Tensor], moments, label: str) -> list[
     for name, p in model.named_parameters():
         if _is_sink(name):
             continue
-        g = _global_name(model, name)
+        g = global_param_name(model, name)
         if name == "output_layer.weight" and g not in full:
             g = "embedding.word_embeddings.weight"  # the tied copy on the last stage
         if not torch.equal(p.detach(), full[g]):

@@ -190,3 +190,24 @@ def test_latest_errors_and_save_validation(tmp_path: Path) -> None:
     manifest.write_text(json.dumps(data))
     with pytest.raises(SinkCheckpointError, match="version 99"):
         load_sink_tables(tmp_path / "y", tables)
+
+
+def test_checkpoint_json_files_are_refused_with_their_path(tmp_path):
+    from nulls_megatron.checkpoint.json_files import read_versioned_json
+    from nulls_megatron.train.checkpointing import read_train_state
+
+    path = tmp_path / "state.json"
+    with pytest.raises(ValueError, match=f"{path}: missing"):
+        read_versioned_json(path, "x")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
+        read_versioned_json(path, "x")
+    path.write_text('{"format": "y", "version": 1}')
+    with pytest.raises(ValueError, match=f"{path}: format 'y', expected 'x'"):
+        read_versioned_json(path, "x")
+    path.write_text('{"format": "x", "version": 2}')
+    with pytest.raises(ValueError, match="version 2, this code reads 1"):
+        read_versioned_json(path, "x", 1)
+    assert read_versioned_json(path, "x") == {"format": "x", "version": 2}
+    with pytest.raises(ValueError, match="train_state.json: missing; .* is not a complete training checkpoint"):
+        read_train_state(tmp_path)

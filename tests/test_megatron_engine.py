@@ -10,7 +10,6 @@ One 2-process launch holds two runs from the same initial weights on the same gl
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from launch.local import run_local
 from nulls_megatron.config import ConfigError, OptimizerConfig
 from nulls_megatron.train.lr_schedule import learning_rate
 from nulls_megatron.train.packing import PackedRows, pack_documents
-from tests.nulls_gpt_helpers import SEQ, VOCAB, tiny_config
+from tests.nulls_gpt_helpers import SEQ, VOCAB, global_param_name, tiny_config
 
 STEPS = 3
 
@@ -31,13 +30,6 @@ def micro_batches() -> list[PackedRows]:
             zip([5, 77, 3, 900_001, 42, 8, 5150, 12], [20, 9, 50, 14, 7, 30, 12, 40])]
     rows = list(pack_documents(docs, SEQ))
     return [PackedRows.stack(rows[0:2]), PackedRows.stack(rows[2:4])]
-
-
-def _global_name(model, name: str) -> str:
-    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-    if not match:
-        return name
-    return f"decoder.layers.{model.decoder.layers[int(match.group(1))].layer_number - 1}.{match.group(2)}"
 
 
 def _run(cfg, initial: dict, batches: list[PackedRows]) -> dict:
@@ -51,15 +43,15 @@ def _run(cfg, initial: dict, batches: list[PackedRows]) -> dict:
         for name, p in model.named_parameters():
             # The last stage's tied output weight starts as the embedding, as Megatron syncs it.
             source = "embedding.word_embeddings.weight" if name == "output_layer.weight" and cfg.model.tie_embeddings else name
-            p.copy_(initial[_global_name(model, source)])
+            p.copy_(initial[global_param_name(model, source)])
     engine = MegatronDDPEngine(model, cfg)
     losses, norms = [], []
     for step in range(STEPS):
         loss, norm = engine.train_step(batches, lr=learning_rate(step, STEPS, cfg.optimizer))
         losses.append(loss)
         norms.append(norm)
-    params = {_global_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
-    moments = {_global_name(model, n): engine.moments(p)["exp_avg_sq"] for n, p in model.named_parameters()}
+    params = {global_param_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
+    moments = {global_param_name(model, n): engine.moments(p)["exp_avg_sq"] for n, p in model.named_parameters()}
     return {"losses": losses, "norms": norms, "params": params, "moments": moments, "steps": engine.optimizer_steps(),
             "first": parallel_state.is_pipeline_first_stage(), "last": parallel_state.is_pipeline_last_stage()}
 

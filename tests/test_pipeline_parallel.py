@@ -1,14 +1,13 @@
 """Pipeline parallelism: source ids reach every stage, and PP=2 trains exactly like PP=1."""
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import torch
 
 from launch.local import run_local
 from nulls_megatron.train.packing import PackedRows, pack_documents
-from tests.nulls_gpt_helpers import VOCAB, SEQ, init_single_process_megatron, tiny_config
+from tests.nulls_gpt_helpers import SEQ, VOCAB, global_param_name, init_single_process_megatron, tiny_config
 
 STEPS, LR = 3, 0.5
 
@@ -20,15 +19,6 @@ def micro_batches() -> list[PackedRows]:
     rows = list(pack_documents(docs, SEQ))
     assert len(rows) >= 4
     return [PackedRows.stack(rows[i : i + 2]) for i in (0, 2)]
-
-
-def _global_name(model, name: str) -> str:
-    """Parameter name in the PP=1 model: a stage's local layer index -> its global layer number - 1."""
-    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-    if not match:
-        return name
-    layer = model.decoder.layers[int(match.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
 
 
 def train(model, batches) -> list[float | None]:
@@ -63,7 +53,7 @@ def pipeline_worker(rank: int, world_size: int) -> dict:
     stage = build_nulls_gpt(tiny_config(per_layer_sinks=True, tie_embeddings=False, pipeline_parallel=2))
     with torch.no_grad():
         for name, p in stage.named_parameters():
-            p.copy_(initial[_global_name(stage, name)])
+            p.copy_(initial[global_param_name(stage, name)])
     layer_numbers = [mlp.sinks.layer_number for mlp in stage.nulls_mlps()]
     losses_pp2 = train(stage, batches)
     return {

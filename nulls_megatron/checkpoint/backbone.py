@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from ..model.nulls_mlp import NullsMegatronMLP
 from ..sinks.table import SinkTable
 from .atomic import atomic_file
+from .json_files import read_versioned_json
 
 __all__ = [
     "BACKBONE_DIR", "BackboneCheckpointError", "FORMAT", "FORMAT_VERSION", "MANIFEST", "MOMENT_PREFIX",
@@ -413,18 +414,8 @@ def _parallel_layout() -> dict[str, int]:
 
 def read_backbone_manifest(dir: str | os.PathLike) -> dict[str, Any]:
     """``<dir>/backbone/nulls_backbone.json``, checked for format and version."""
-    path = Path(dir) / BACKBONE_DIR / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BackboneCheckpointError(f"{path.parent}: no backbone checkpoint ({MANIFEST} missing)") from None
-    except json.JSONDecodeError as e:
-        raise BackboneCheckpointError(f"{path}: not JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BackboneCheckpointError(f"{path}: format is not {FORMAT!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise BackboneCheckpointError(f"{path}: version {manifest.get('version')}, this code reads {FORMAT_VERSION}")
-    return manifest
+    return read_versioned_json(Path(dir) / BACKBONE_DIR / MANIFEST, FORMAT, FORMAT_VERSION, error=BackboneCheckpointError,
+                               missing="missing: no backbone checkpoint here")
 
 
 def _check_against_checkpoint(state: Mapping[str, Any], saved: Mapping[str, dict], out: Path) -> None:

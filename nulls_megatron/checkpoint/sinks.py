@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..sinks.assignment import ID_LIMIT
 from ..sinks.table import SinkTable
 from .atomic import atomic_file
+from .json_files import read_versioned_json
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "SinkCheckpointError", "load_sink_tables", "read_sink_manifest",
@@ -207,18 +208,8 @@ def write_sink_manifest(dir: str | os.PathLike, parts: Sequence[dict], disabled_
 
 def read_sink_manifest(dir: str | os.PathLike) -> dict:
     """The parsed ``dir/sinks/manifest.json``, checked for format and version."""
-    path = Path(dir) / SINKS_DIR / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SinkCheckpointError(f"{path}: no sink manifest (not a sink checkpoint, or an unfinished save)") from None
-    except json.JSONDecodeError as e:
-        raise SinkCheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SinkCheckpointError(f"{path}: format is not {FORMAT!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise SinkCheckpointError(f"{path}: version {manifest.get('version')!r}, this code reads {FORMAT_VERSION}")
-    return manifest
+    return read_versioned_json(Path(dir) / SINKS_DIR / MANIFEST, FORMAT, FORMAT_VERSION, error=SinkCheckpointError,
+                               missing="no sink manifest (not a sink checkpoint, or an unfinished save)")
 
 
 def _check_tables(manifest: dict, tables: Sequence[SinkTable], path: Path) -> None:

@@ -27,6 +27,7 @@ import yaml
 from megatron.core import parallel_state
 
 from ..checkpoint.atomic import atomic_dir, atomic_file, checkpoint_name, clean_partial, prune, read_latest, update_latest
+from ..checkpoint.json_files import read_versioned_json
 from ..checkpoint.backbone import load_backbone, save_backbone
 from ..checkpoint.sinks import load_sink_tables, read_sink_manifest, table_key, write_sink_files, write_sink_manifest
 from ..config import Config
@@ -135,16 +136,8 @@ def _train_state(cfg: Config, step: int, engine: Engine, tokens: int, loader_sta
 
 
 def read_train_state(path: Path) -> dict:
-    file = path / TRAIN_STATE
-    try:
-        state = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{file}: missing; {path} is not a complete training checkpoint") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if state.get("format") != TRAIN_STATE_FORMAT:
-        raise ValueError(f"{file}: format {state.get('format')!r}, this code reads {TRAIN_STATE_FORMAT!r}")
-    return state
+    return read_versioned_json(path / TRAIN_STATE, TRAIN_STATE_FORMAT,
+                               missing=f"missing; {path} is not a complete training checkpoint")
 
 
 def latest_checkpoint(cfg: Config) -> Path | None:
