@@ -161,6 +161,7 @@ def reshard_worker(rank: int, world_size: int, data: str, root: str) -> dict:
 def test_tensor_and_pipeline_parallel_on_4_ranks_resumed_in_another_layout(prep, tmp_path):
     results = run_local(reshard_worker, 4, str(prep), str(tmp_path), timeout=600)
     last = results[3]  # the last pipeline stage in both layouts
+    assert all(r["whole"] == last["whole"] for r in results), "every rank reports the last stage's loss"
     assert last["resumed"].endswith("step-000000002")
     assert len(last["whole"]) == 4 and last["whole"][-1] < last["whole"][0]
     assert last["half"] == last["whole"][:2]

@@ -83,7 +83,7 @@ class StopRequest:
 class TrainResult:
     steps_run: int  # steps taken by this process (after a resume: since the resume)
     final_step: int
-    losses: list[float] = field(default_factory=list)  # per step, last pipeline stage (empty elsewhere)
+    losses: list[float] = field(default_factory=list)  # per step (the last pipeline stage's, on every rank)
     resumed_from: str | None = None
     run_id: str | None = None
     checkpoint: str | None = None
@@ -193,8 +193,7 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
             tokens += step_tokens
             window_tokens += step_tokens
             loss = _pipeline_loss(loss)
-            if parallel_state.is_pipeline_last_stage():
-                result.losses.append(loss)
+            result.losses.append(loss)
             done = step + 1
             if done % t.log_every == 0 or done == end:
                 now = time.perf_counter()
