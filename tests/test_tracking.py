@@ -279,3 +279,9 @@ def test_format_progress():
     line = format_progress(1, 100_000, 2.0, 3.2e6, 7.5)
     assert line.endswith("3.2M tok/s | elapsed 0m08s | ETA 8d16h19m")
     assert format_progress(10, 10, 1.0, 10.0, 3725.0).endswith("elapsed 1h02m05s | ETA 0m00s")
+
+
+def test_progress_eta_after_a_resume():
+    # Resumed at step 900 of 1000, 50 steps in 100 s: 50 more steps take another 100 s.
+    assert format_progress(950, 1000, 2.0, 1000.0, 100.0, start_step=900).endswith("elapsed 1m40s | ETA 1m40s")
+    assert format_progress(900, 1000, 2.0, 0.0, 0.0, start_step=900).endswith("ETA ?")

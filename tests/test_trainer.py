@@ -139,6 +139,8 @@ def test_train_resume_kill_and_tracking(prep, tmp_path):
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "sink/live_sinks", "sink/sources", "sink/tokens_shard_000"):
         history = client.get_metric_history(full.run_id, key)
         assert [m.step for m in history] == list(range(1, STEPS + 1)), key
+    uploaded = {a.path for a in client.list_artifacts(full.run_id, "checkpoints/step-000000006")}
+    assert uploaded == {f"checkpoints/step-000000006/{n}" for n in ("manifest.json", "nulls_backbone.json", "train_state.json")}
     losses = [m.value for m in client.get_metric_history(full.run_id, "loss")]
     assert losses == pytest.approx(full.losses, rel=1e-6)
     live = [m.value for m in client.get_metric_history(full.run_id, "sink/live_sinks")]

@@ -82,6 +82,9 @@ class Tracker:
     def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
         pass
 
+    def log_files(self, files: Sequence[str | os.PathLike], folder: str) -> None:
+        pass
+
     def flush(self, wait: bool = False) -> None:
         pass
 
@@ -239,6 +242,17 @@ class MlflowTracker(Tracker):
         if (self._steps_since_flush >= self.settings.flush_every_steps
                 or time.monotonic() - self._last_flush >= self.settings.flush_every_s):
             self.flush()
+
+    def log_files(self, files: Sequence[str | os.PathLike], folder: str) -> None:
+        """Upload small files (e.g. a checkpoint's manifests) under ``folder/`` of the run's artifacts.
+        A failure warns and training goes on: the files stay in the checkpoint either way."""
+        if self.run_id is None:
+            return
+        try:
+            for f in files:
+                self._client.log_artifact(self.run_id, str(f), folder)
+        except Exception as e:  # the store's errors are not one type (HTTP, sqlite, file system)
+            logger.warning("could not upload %s to run %s: %s", folder, self.run_id, e)
 
     def flush(self, wait: bool = False) -> None:
         """Hand the buffer to the sender thread (the training thread never waits on the store unless ``wait``)."""

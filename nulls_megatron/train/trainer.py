@@ -221,5 +221,9 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
             step = end - 1
         result.final_step = max(step + 1, start)
         result.steps_run = result.final_step - start
+        if result.checkpoint:  # the provenance of the weights this run ends with
+            last = Path(result.checkpoint)
+            tracker.log_files([last / "sinks" / "manifest.json", last / "backbone" / "nulls_backbone.json",
+                               last / "train_state.json"], f"checkpoints/{last.name}")
     dist.barrier()
     return result
