@@ -249,6 +249,10 @@ def test_numbering_rule_and_shard_plan_units():
 
     assert build_entrypoint(str(REPO / "configs" / "prep_gensim_sample.yaml"), "/data/out", ["a.b=1"]) == (
         "nulls prep --config configs/prep_gensim_sample.yaml --no-progress --output /data/out a.b=1")
+    from launch.ray_job import build_train_entrypoint
+
+    assert build_train_entrypoint(str(REPO / "configs" / "demo_cpu.yaml"), 4, ["train.data=/d x"], module=True) == (
+        "python -m nulls_megatron.cli train --config configs/demo_cpu.yaml --nproc 4 --set 'train.data=/d x'")
     with pytest.raises(ValueError, match="inside the working dir"):
         build_entrypoint("/elsewhere/x.yaml")
 
@@ -262,7 +266,8 @@ def test_ray_job_submission(tmp_path, corpus):
     import ray
 
     from launch.env import find_free_port
-    from launch.ray_job import submit_prep_job, wait_for_job
+    from launch.ray_job import submit_prep_job, submit_train_job, wait_for_job
+    from tests.train_helpers import train_config
 
     # Free the 2 cores of this module's in-process Ray: the head's job agent starts slowly beside it.
     ray.shutdown()
@@ -272,6 +277,7 @@ def test_ray_job_submission(tmp_path, corpus):
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
                             env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cfg = REPO / "configs" / f".test_ray_job_{os.getpid()}.yaml"
+    train_cfg = REPO / "configs" / f".test_ray_train_{os.getpid()}.yaml"
     try:
         _write_config(REPO / "configs" / f".test_ray_job_{os.getpid()}.yaml", [corpus["inputs"]["wikitext"]])
         deadline = time.monotonic() + 180  # the job agent comes up well after the head on 2 busy cores
@@ -286,7 +292,17 @@ def test_ray_job_submission(tmp_path, corpus):
                 time.sleep(1)
         assert wait_for_job(client, job, timeout_s=180) == "SUCCEEDED", client.get_job_logs(job)
         assert (tmp_path / "out" / "manifest.parquet").is_file()
+        # Then train on what the job wrote, as a second job on the same head (2 CPU ranks, torchrun).
+        tiny = train_config(tmp_path / "out", tmp_path / "train", train={"steps": 2, "save_every": 0}).to_dict()
+        tiny["model"]["vocab_size"] = 1000  # the prep config's tokenizer
+        train_cfg.write_text(yaml.safe_dump(tiny))
+        client, job = submit_train_job(f"http://127.0.0.1:{dash}", str(train_cfg), nproc=2, module=True,
+                                       env_vars={"RAY_AUTH_MODE": "disabled"})
+        assert wait_for_job(client, job, timeout_s=300) == "SUCCEEDED", client.get_job_logs(job)
+        assert "step 2/2 (100.0%)" in client.get_job_logs(job)
+        assert (tmp_path / "train" / "checkpoints" / "latest").read_text().strip() == "step-000000002"
     finally:
         cfg.unlink(missing_ok=True)
+        train_cfg.unlink(missing_ok=True)
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
