@@ -77,3 +77,17 @@ def global_param_name(model, name: str) -> str:
         return name
     layer = model.decoder.layers[int(match.group(1))]
     return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
+
+
+def packed_micro_batches(seed: int = 0) -> list:
+    """b0, b1: two packed rows each of SEQ tokens; several sources per row, one document spanning rows."""
+    import numpy as np
+
+    from nulls_megatron.train.packing import PackedRows, pack_documents
+
+    rng = np.random.default_rng(seed)
+    sizes = [20, 9, 50, 14, 7, 30, 12]
+    docs = [(s, rng.integers(0, VOCAB, size=n)) for s, n in zip([5, 77, 3, 900_001, 42, 8, 5150], sizes)]
+    rows = list(pack_documents(docs, SEQ))
+    assert len(rows) >= 4
+    return [PackedRows.stack(rows[i : i + 2]) for i in (0, 2)]

@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import torch
 
 from launch.local import run_local
 from nulls_megatron.config import Engine as EngineKind
-from nulls_megatron.train.packing import PackedRows, pack_documents
-from tests.nulls_gpt_helpers import SEQ, VOCAB, gather_full, tiny_config
+from nulls_megatron.train.packing import PackedRows
+from tests.nulls_gpt_helpers import gather_full, packed_micro_batches, tiny_config
 
 STEPS, LR = 3, 0.01
 CLIP = 0.05  # below every step's grad norm, so clipping is active in every step (asserted)
@@ -32,15 +31,6 @@ ATOL = 1e-5
 # that rounding moves the update by a visible fraction of LR; losses still agree to 1e-6.
 PARAM_ATOL_DP2 = 1e-5
 PARAM_ATOL_TP2 = 1e-4
-
-
-def micro_batches() -> list[PackedRows]:
-    """b0, b1: two packed rows each; several sources per row, one document spanning rows."""
-    rng = np.random.default_rng(0)
-    docs = [(int(s), rng.integers(0, VOCAB, size=int(n))) for s, n in zip([5, 77, 3, 900_001, 42, 8, 5150], [20, 9, 50, 14, 7, 30, 12])]
-    rows = list(pack_documents(docs, SEQ))
-    assert len(rows) >= 4
-    return [PackedRows.stack(rows[i : i + 2]) for i in (0, 2)]
 
 
 def config(tensor_parallel: int, zero_stage: int, clip: float = CLIP):
@@ -145,7 +135,7 @@ def resume_engine(tensor_parallel: int, zero_stage: int, batches: list[PackedRow
 def deepspeed_worker(rank: int, world_size: int) -> dict:
     import time
 
-    b = micro_batches()
+    b = packed_micro_batches()
     results: dict = {"reference": reference(b)}
     for stage in (1, 2):
         t0 = time.perf_counter()

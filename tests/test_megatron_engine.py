@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from launch.local import run_local
 from nulls_megatron.config import ConfigError, OptimizerConfig
 from nulls_megatron.train.lr_schedule import learning_rate
-from nulls_megatron.train.packing import PackedRows, pack_documents
-from tests.nulls_gpt_helpers import SEQ, VOCAB, global_param_name, tiny_config
+from nulls_megatron.train.packing import PackedRows
+from tests.nulls_gpt_helpers import global_param_name, packed_micro_batches, tiny_config
 
 STEPS = 3
-
-
-def micro_batches() -> list[PackedRows]:
-    rng = np.random.default_rng(1)
-    docs = [(int(s), rng.integers(0, VOCAB, size=int(n))) for s, n in
-            zip([5, 77, 3, 900_001, 42, 8, 5150, 12], [20, 9, 50, 14, 7, 30, 12, 40])]
-    rows = list(pack_documents(docs, SEQ))
-    return [PackedRows.stack(rows[0:2]), PackedRows.stack(rows[2:4])]
 
 
 def _run(cfg, initial: dict, batches: list[PackedRows]) -> dict:
@@ -68,7 +59,7 @@ def dp_pp_worker(rank: int, world_size: int) -> dict:
     from nulls_megatron.model.gpt import build_nulls_gpt
     from nulls_megatron.model.parallel import init_model_parallel
 
-    b = micro_batches()
+    b = packed_micro_batches(1)
     init_model_parallel(ParallelConfig(pipeline_parallel=1), 1234)  # DP=2: identical weights on both ranks
     initial = {n: p.detach().clone() for n, p in build_nulls_gpt(_config()).named_parameters()}
     data_parallel = _run(_config(), initial, [b[rank]])

@@ -2,23 +2,12 @@
 from __future__ import annotations
 
 
-import numpy as np
 import torch
 
 from launch.local import run_local
-from nulls_megatron.train.packing import PackedRows, pack_documents
-from tests.nulls_gpt_helpers import SEQ, VOCAB, global_param_name, init_single_process_megatron, tiny_config
+from tests.nulls_gpt_helpers import global_param_name, init_single_process_megatron, packed_micro_batches, tiny_config
 
 STEPS, LR = 3, 0.5
-
-
-def micro_batches() -> list[PackedRows]:
-    """Two micro-batches of two packed rows; several sources per row, one document spanning rows."""
-    rng = np.random.default_rng(0)
-    docs = [(int(s), rng.integers(0, VOCAB, size=int(n))) for s, n in zip([5, 77, 3, 900_001, 42, 8, 5150], [20, 9, 50, 14, 7, 30, 12])]
-    rows = list(pack_documents(docs, SEQ))
-    assert len(rows) >= 4
-    return [PackedRows.stack(rows[i : i + 2]) for i in (0, 2)]
 
 
 def train(model, batches) -> list[float | None]:
@@ -41,7 +30,7 @@ def pipeline_worker(rank: int, world_size: int) -> dict:
     from nulls_megatron.model.cpu_compat import model_parallel_seed
     from nulls_megatron.model.gpt import build_nulls_gpt
 
-    batches = micro_batches()
+    batches = packed_micro_batches()
     # PP=1 on each rank (two independent replicas): the reference and the initial weights.
     init_single_process_megatron()
     reference = build_nulls_gpt(tiny_config(per_layer_sinks=True, tie_embeddings=False))
