@@ -36,6 +36,7 @@ def _run(cfg, initial: dict, batches: list[PackedRows]) -> dict:
             source = "embedding.word_embeddings.weight" if name == "output_layer.weight" and cfg.model.tie_embeddings else name
             p.copy_(initial[global_param_name(model, source)])
     engine = MegatronDDPEngine(model, cfg)
+    before = engine.eval_loss(batches)
     losses, norms = [], []
     for step in range(STEPS):
         loss, norm = engine.train_step(batches, lr=learning_rate(step, STEPS, cfg.optimizer))
@@ -43,7 +44,7 @@ def _run(cfg, initial: dict, batches: list[PackedRows]) -> dict:
         norms.append(norm)
     params = {global_param_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
     moments = {global_param_name(model, n): engine.moments(p)["exp_avg_sq"] for n, p in model.named_parameters()}
-    return {"losses": losses, "norms": norms, "params": params, "moments": moments, "steps": engine.optimizer_steps(),
+    return {"before": before, "losses": losses, "norms": norms, "params": params, "moments": moments, "steps": engine.optimizer_steps(),
             "first": parallel_state.is_pipeline_first_stage(), "last": parallel_state.is_pipeline_last_stage()}
 
 
@@ -80,6 +81,9 @@ def test_data_parallel_2_equals_pipeline_parallel_with_tied_embeddings():
         assert math.isclose(dp["norms"][step], pp_last["norms"][step], rel_tol=1e-5), (dp["norms"], pp_last["norms"])
         assert pp_first["norms"][step] == pp_last["norms"][step], "the grad norm is global: equal on every stage"
     assert dp["losses"][0] > dp["losses"][-1]
+    assert abs(dp["before"] - dp["losses"][0]) < 1e-6 and abs(pp_last["before"] - dp["losses"][0]) < 1e-5, \
+        "eval_loss (no gradients) is the loss the first step trains on"
+    assert pp_first["before"] is None
     assert min(dp["norms"]) > 0.5, "the threshold must be below the norm for clipping to be exercised"
     for name, value in dp["params"].items():
         other = last["dp"]["params"][name]

@@ -30,8 +30,8 @@ from ..packing import PackedRows
 from .base import OPTIMIZER_MOMENTS, Engine
 from .param_groups import classify_parameters
 
-GROUP_KEY = "nulls_group"
-MAIN_PARAM = "main_param"  # bf16 only: the fp32 master weight, saved beside the moments  # our tag on each Megatron param group: decay / no_decay / sinks
+GROUP_KEY = "nulls_group"  # our tag on each Megatron param group: decay / no_decay / sinks
+MAIN_PARAM = "main_param"  # bf16 only: the fp32 master weight, saved beside the moments
 
 
 class MegatronDDPEngine(Engine):
