@@ -29,8 +29,8 @@ def killed_during_second_save(rank: int, world_size: int, data: str, run_dir: st
 
     real = checkpointing.write_sink_manifest
 
-    def write_then_die(dir, parts, disabled_sources=()):
-        path = real(dir, parts, disabled_sources)
+    def write_then_die(dir, parts, state=None):
+        path = real(dir, parts, state)
         if "step-000000006" in str(dir):
             os.kill(os.getpid(), signal.SIGKILL)
         return path

@@ -1,7 +1,8 @@
 """Crash-safe checkpoint directories under one root.
 
 A root holds ``step-000001234`` directories and a ``latest`` text file naming one
-of them. Every write goes to a hidden temp name ``.<name>.tmp-<pid>`` beside its
+of them. ``nulls unlearn`` writes later *versions* of a step beside it,
+``step-000001234-unlearn-001`` and so on; they sort after their step. Every write goes to a hidden temp name ``.<name>.tmp-<pid>`` beside its
 target, is fsynced, and is renamed into place with ``os.replace``; a process
 killed at any point leaves either the old state or the new one, plus at worst
 temp debris that :func:`clean_partial` removes.
@@ -16,12 +17,12 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = [
-    "atomic_dir", "atomic_file", "checkpoint_name", "checkpoint_step", "clean_partial",
-    "fsync_dir", "list_checkpoints", "prune", "read_latest", "update_latest", "LATEST",
+    "atomic_dir", "atomic_file", "checkpoint_name", "checkpoint_step", "checkpoint_version", "clean_partial",
+    "fsync_dir", "list_checkpoints", "prune", "read_latest", "update_latest", "version_name", "LATEST",
 ]
 
 LATEST = "latest"
-_STEP_RE = re.compile(r"^step-(\d+)$")
+_STEP_RE = re.compile(r"^step-(\d+)(?:-unlearn-(\d+))?$")
 _TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
@@ -36,6 +37,19 @@ def checkpoint_step(name: str) -> int | None:
     """The step encoded in a checkpoint name, or None for anything else."""
     m = _STEP_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def checkpoint_version(name: str) -> tuple[int, int] | None:
+    """(step, unlearning version) of a checkpoint name (version 0: as trained), or None."""
+    m = _STEP_RE.match(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def version_name(step: int, version: int) -> str:
+    """``step-000001234-unlearn-007``: version ``version`` of step ``step`` (0: the trained one)."""
+    if version < 0:
+        raise ValueError(f"version must be >= 0, got {version}")
+    return checkpoint_name(step) if version == 0 else f"{checkpoint_name(step)}-unlearn-{version:03d}"
 
 
 def _temp_path(final: Path) -> Path:
@@ -144,16 +158,17 @@ def read_latest(root: str | os.PathLike) -> Path | None:
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every ``step-N`` directory in ``root``, oldest first."""
+    """(step, path) of every ``step-N`` directory (and unlearned version of one) in ``root``, oldest
+    first; versions of a step follow it in version order."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
-        step = checkpoint_step(entry.name)
-        if step is not None and entry.is_dir():
-            found.append((step, entry))
-    return sorted(found)
+        sv = checkpoint_version(entry.name)
+        if sv is not None and entry.is_dir():
+            found.append((sv, entry))
+    return [(sv[0], path) for sv, path in sorted(found)]
 
 
 def prune(root: str | os.PathLike, keep_last: int) -> list[Path]:

@@ -5,22 +5,25 @@
 ``weight`` [P, 3, d], ``disabled`` uint8 [P] and, when given, ``optim.<name>``
 (e.g. ``optim.exp_avg``) for the same rows. ``<dir>/sinks/manifest.json`` holds
 the format version, shapes, dtype, assignment parameters, layer numbers, the
-disabled (forgotten) sources and the sha256 of every file. The manifest is
-written last, so a manifest implies complete files; loading checks every digest
-before reading a tensor. Only safetensors are read: no pickle anywhere.
+sources' state (:class:`SourceState`: erased and suppressed sources, the sources
+manifest the model was trained on, the unlearning receipts) and the sha256 of
+every file. The manifest is written last, so a manifest implies complete files;
+loading checks every digest before reading a tensor. Only safetensors are read:
+no pickle anywhere. The same tensors always give the same bytes (the metadata is
+one sorted JSON string), so equal digests show equal checkpoints.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..sinks.assignment import ID_LIMIT
 from ..sinks.table import SinkTable
@@ -28,8 +31,9 @@ from .atomic import atomic_file
 from .json_files import read_versioned_json
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "SinkCheckpointError", "load_sink_tables", "read_sink_manifest",
-    "save_sink_tables", "shard_file_name", "table_key", "write_sink_files", "write_sink_manifest",
+    "FORMAT", "FORMAT_VERSION", "SinkCheckpointError", "SourceState", "load_sink_tables", "read_sink_manifest",
+    "safetensors_bytes", "save_sink_tables", "shard_file_name", "sha256_file", "source_state", "table_key",
+    "write_sink_files", "write_sink_manifest",
 ]
 
 FORMAT = "nulls-sink-tables"
@@ -44,6 +48,60 @@ OptimizerState = dict[str, dict[str, torch.Tensor]]
 
 class SinkCheckpointError(ValueError):
     """A sink checkpoint that does not match its manifest or the tables it is loaded into."""
+
+
+@dataclass
+class SourceState:
+    """What the checkpoint knows about its sources beyond the weights, carried from version to version.
+
+    - ``disabled_sources``: erased by ``nulls unlearn``: their rows are zero in every weight and
+      optimizer tensor and flagged disabled;
+    - ``suppressed_sources``: masked only (``nulls unlearn --suppress``): rows flagged disabled,
+      weights kept, reversible;
+    - ``sources_manifest``: the sources manifest the model was trained on (``dir``, ``sha256``,
+      ``sources``), recorded at training time, so that a request by title resolves to the same index;
+    - ``receipts``: ``{"name", "sha256", "action"}`` of every unlearning receipt applied so far.
+    """
+
+    disabled_sources: list[int] = field(default_factory=list)
+    suppressed_sources: list[int] = field(default_factory=list)
+    sources_manifest: dict | None = None
+    receipts: list[dict] = field(default_factory=list)
+
+    def off_sources(self) -> list[int]:
+        """Every source whose sinks are off: erased or suppressed."""
+        return sorted(set(self.disabled_sources) | set(self.suppressed_sources))
+
+    def to_json(self) -> dict:
+        for name in ("disabled_sources", "suppressed_sources"):
+            bad = [s for s in getattr(self, name) if not 0 <= int(s) < ID_LIMIT]
+            if bad:
+                raise ValueError(f"{name}: ids {bad[:5]} are outside [0, 2**32)")
+        return {"disabled_sources": [int(s) for s in self.disabled_sources],
+                "suppressed_sources": sorted(int(s) for s in self.suppressed_sources),
+                "sources_manifest": self.sources_manifest, "receipts": list(self.receipts)}
+
+
+def source_state(manifest: dict) -> SourceState:
+    """The :class:`SourceState` of a parsed sink manifest (fields absent in older checkpoints default to empty)."""
+    return SourceState(
+        disabled_sources=[int(s) for s in manifest.get("disabled_sources", [])],
+        suppressed_sources=[int(s) for s in manifest.get("suppressed_sources", [])],
+        sources_manifest=manifest.get("sources_manifest"),
+        receipts=list(manifest.get("receipts", [])),
+    )
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors serialisation with deterministic bytes: the metadata goes in as one JSON
+    string with sorted keys (the library writes a metadata dict in a random key order)."""
+    return save(tensors, metadata={"nulls": json.dumps(metadata, sort_keys=True)})
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def table_key(table: SinkTable) -> str:
@@ -113,6 +171,7 @@ def save_sink_tables(
     optimizer_state: OptimizerState | None = None,
     disabled_sources: Iterable[int] = (),
     progress: Callable[[Path], None] | None = None,
+    state: SourceState | None = None,
 ) -> Path:
     """Write ``tables`` (and their per-row optimizer tensors) under ``dir/sinks``; returns the manifest path.
 
@@ -121,7 +180,10 @@ def save_sink_tables(
     kill the process mid-save).
     """
     part = write_sink_files(dir, tables, optimizer_state, progress)
-    return write_sink_manifest(dir, [part], disabled_sources)
+    state = state or SourceState()
+    if disabled_sources:
+        state.disabled_sources = [int(s) for s in disabled_sources]
+    return write_sink_manifest(dir, [part], state)
 
 
 def write_sink_files(
@@ -152,24 +214,21 @@ def write_sink_files(
             tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
             meta = {"format": FORMAT, "layer": str(t.layer_number), "shard": str(shard), "rows": f"{lo}:{hi}"}
             name = shard_file_name(t.layer_number, shard)
-            with atomic_file(out / name) as tmp:
-                save_file(tensors, str(tmp), metadata=meta)
-            digests[name] = sha256_file(out / name)
+            data = safetensors_bytes(tensors, meta)
+            write_bytes_atomic(out / name, data)
+            digests[name] = hashlib.sha256(data).hexdigest()
             if progress is not None:
                 progress(out / name)
     return {"common": common, "layers": sorted(t.layer_number for t in tables),
             "optimizer_tensors": optim_names, "files": digests}
 
 
-def write_sink_manifest(dir: str | os.PathLike, parts: Sequence[dict], disabled_sources: Iterable[int] = ()) -> Path:
+def write_sink_manifest(dir: str | os.PathLike, parts: Sequence[dict], state: SourceState | None = None) -> Path:
     """Write ``dir/sinks/manifest.json`` over the files of ``parts`` (from :func:`write_sink_files`),
     after checking that the parts agree and cover distinct layers; returns its path."""
     if not parts:
         raise ValueError("sink manifest: no parts given")
-    sources = [int(s) for s in disabled_sources]
-    bad = [s for s in sources if not 0 <= s < ID_LIMIT]
-    if bad:
-        raise ValueError(f"disabled_sources: ids {bad[:5]} are outside [0, 2**32)")
+    sources_json = (state or SourceState()).to_json()
     common, optim_names = parts[0]["common"], parts[0]["optimizer_tensors"]
     layers: list[int] = []
     digests: dict[str, str] = {}
@@ -193,7 +252,7 @@ def write_sink_manifest(dir: str | os.PathLike, parts: Sequence[dict], disabled_
         "assignment": a,
         "layers": sorted(layers),
         "optimizer_tensors": optim_names,
-        "disabled_sources": sources,
+        **sources_json,
         "files": dict(sorted(digests.items())),
     }
     out = Path(dir) / SINKS_DIR

@@ -29,7 +29,8 @@ from megatron.core import parallel_state
 from ..checkpoint.atomic import atomic_dir, atomic_file, checkpoint_name, clean_partial, prune, read_latest, update_latest
 from ..checkpoint.json_files import read_versioned_json
 from ..checkpoint.backbone import load_backbone, save_backbone
-from ..checkpoint.sinks import load_sink_tables, read_sink_manifest, table_key, write_sink_files, write_sink_manifest
+from ..checkpoint.sinks import (SourceState, load_sink_tables, read_sink_manifest, source_state, table_key,
+                                write_sink_files, write_sink_manifest)
 from ..config import Config
 from ..sinks.table import SinkTable
 from .engines.base import Engine
@@ -74,7 +75,7 @@ def prepare_checkpoint_root(cfg: Config) -> Path:
 
 
 def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PrefetchLoader, tokens: int,
-                    disabled_sources: list[int]) -> Path:
+                    sources: SourceState) -> Path:
     """Collective: every rank calls it after optimizer step ``step``. Returns the final directory."""
     root = checkpoint_root(cfg)
     final = root / checkpoint_name(step)
@@ -93,7 +94,7 @@ def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PrefetchLoad
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, part)
         if dist.get_rank() == 0:
-            write_sink_manifest(tmp, [p for p in parts if p is not None], disabled_sources)
+            write_sink_manifest(tmp, [p for p in parts if p is not None], sources)
             with atomic_file(tmp / TRAIN_STATE) as f:
                 f.write_text(json.dumps(_train_state(cfg, step, engine, tokens, loader_states), indent=1) + "\n")
             with atomic_file(tmp / "config.yaml") as f:
@@ -144,9 +145,9 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     return read_latest(checkpoint_root(cfg))
 
 
-def load_checkpoint(path: Path, engine: Engine, loader: PrefetchLoader) -> tuple[dict, list[int]]:
+def load_checkpoint(path: Path, engine: Engine, loader: PrefetchLoader) -> tuple[dict, SourceState]:
     """Collective: restore weights, moments, optimizer steps and this rank's loader position from
-    ``path``. Returns (train state, disabled sources of the sink manifest)."""
+    ``path``. Returns (train state, the sink manifest's source state: forgotten sources, provenance)."""
     state = read_train_state(path)
     module = engine.module
     dp_world = parallel_state.get_data_parallel_world_size()
@@ -163,5 +164,4 @@ def load_checkpoint(path: Path, engine: Engine, loader: PrefetchLoader) -> tuple
         pairs += [(t.weight, sink_state[table_key(t)]) for t in tables]
     engine.load_moments(pairs, steps=int(common["optimizer_steps"]))
     loader.load_state_dict(state["loaders"][parallel_state.get_data_parallel_rank()])
-    disabled = [int(s) for s in read_sink_manifest(path)["disabled_sources"]]
-    return state, disabled
+    return state, source_state(read_sink_manifest(path))

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from ..checkpoint.provenance import describe_sources_manifest
+from ..checkpoint.sinks import SourceState
 from ..config import Config, ConfigError, Engine as EngineName
 from ..model.gpt import build_nulls_gpt
 from ..model.parallel import init_model_parallel
@@ -164,13 +166,15 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
     assignment = assignment_from_config(cfg.nulls)
     prepare_checkpoint_root(cfg)
 
-    start, tokens, disabled, resumed = 0, 0, [], latest_checkpoint(cfg)
+    start, tokens, sources, resumed = 0, 0, SourceState(), latest_checkpoint(cfg)
     if resumed is not None:
-        state, disabled = load_checkpoint(resumed, engine, loader)
+        state, sources = load_checkpoint(resumed, engine, loader)
         start, tokens = int(state["step"]), int(state["tokens"])
         if rank == 0:
             print(f"resuming from {resumed} (step {start})", flush=True)
 
+    if sources.sources_manifest is None:  # which titles the source indices stand for, for `nulls unlearn`
+        sources.sources_manifest = describe_sources_manifest(cfg.train.data) if rank == 0 else None
     t, total = cfg.train, cfg.train.steps
     result = TrainResult(steps_run=0, final_step=start, resumed_from=str(resumed) if resumed else None)
     tracking = cfg.tracking
@@ -207,7 +211,7 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
             stopping = done < end and stop.agreed()
             if (t.save_every and done % t.save_every == 0) or done == end or stopping:
                 saving = time.perf_counter()
-                result.checkpoint = str(save_checkpoint(cfg, done, engine, loader, tokens, disabled))
+                result.checkpoint = str(save_checkpoint(cfg, done, engine, loader, tokens, sources))
                 if rank == 0:
                     print(f"checkpoint {result.checkpoint} ({time.perf_counter() - saving:.1f}s)", flush=True)
                 window_start += time.perf_counter() - saving  # tokens/s measures training, not saving

@@ -1,0 +1,68 @@
+"""Which sources manifest a checkpoint was trained on: recorded at training time, checked at use.
+
+A request to forget "Anarchism" must resolve to the source index the model was trained with.
+The trainer records the prep output's ``manifest.parquet`` (its folder, sha256 and number of
+sources) in the sink manifest's ``sources_manifest``; ``nulls unlearn`` and friends open that
+manifest again and refuse it when its digest changed (a re-run prep may have renumbered, or
+the folder was replaced). ``--manifest`` points elsewhere, with the same digest check unless
+the checkpoint recorded none.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+MANIFEST_NAME = "manifest.parquet"  # data_prep.manifest.MANIFEST_NAME; kept here so training imports no data_prep
+_BLOCK = 1 << 24
+
+
+class ProvenanceError(ValueError):
+    """The sources manifest of a checkpoint is missing or is not the one it was trained on."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_sources_manifest(prep_dir: str | os.PathLike) -> dict | None:
+    """``{"dir", "sha256", "sources"}`` of ``<prep_dir>/manifest.parquet``, or None when the folder has none."""
+    path = Path(prep_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return {"dir": str(path.parent.resolve()), "sha256": _sha256(path),
+            "sources": int(pq.ParquetFile(path).metadata.num_rows)}
+
+
+def sources_manifest_dir(recorded: dict | None, override: str | os.PathLike | None, where: str) -> Path:
+    """The prep folder whose manifest resolves requests for a checkpoint, after the digest check.
+
+    ``recorded`` is the checkpoint's ``sources_manifest`` (None for checkpoints trained before it
+    was recorded, or on data without a manifest); ``override`` is the user's ``--manifest`` (a
+    prep folder or its ``manifest.parquet``). ``where`` names the checkpoint in errors.
+    """
+    if override is not None:
+        folder = Path(override)
+        folder = folder.parent if folder.name == MANIFEST_NAME else folder
+    elif recorded is not None:
+        folder = Path(recorded["dir"])
+    else:
+        raise ProvenanceError(f"{where}: records no sources manifest (trained before provenance was recorded, "
+                              "or on data without one); pass --manifest PREP_DIR")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        hint = "" if override is not None else " (recorded at training time; moved? pass --manifest PREP_DIR)"
+        raise ProvenanceError(f"{path}: sources manifest not found{hint}")
+    if recorded is not None:
+        got = _sha256(path)
+        if got != recorded["sha256"]:
+            raise ProvenanceError(
+                f"{path}: sha256 {got} differs from {recorded['sha256']}, the manifest {where} was trained on; "
+                "source indices may not match the model (re-run prep? pass the original --manifest)")
+    return folder
