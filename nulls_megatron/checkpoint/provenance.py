@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 MANIFEST_NAME = "manifest.parquet"  # data_prep.manifest.MANIFEST_NAME; kept here so training imports no data_prep
+LINEAGE = "manifest_lineage.json"  # written by nulls_megatron.unlearn.purge
 _BLOCK = 1 << 24
 
 
@@ -40,6 +41,20 @@ def describe_sources_manifest(prep_dir: str | os.PathLike) -> dict | None:
             "sources": int(pq.ParquetFile(path).metadata.num_rows)}
 
 
+def _purged_from(folder: Path) -> list[str]:
+    """Digests of earlier manifests this one replaced by removing forgotten sources' documents
+    (``nulls unlearn --purge-data``): the same source numbering, fewer documents present."""
+    import json
+
+    lineage = folder / LINEAGE
+    if not lineage.is_file():
+        return []
+    try:
+        return list(json.loads(lineage.read_text()).get("previous_sha256", []))
+    except (ValueError, AttributeError):
+        raise ProvenanceError(f"{lineage}: not valid JSON") from None
+
+
 def sources_manifest_dir(recorded: dict | None, override: str | os.PathLike | None, where: str) -> Path:
     """The prep folder whose manifest resolves requests for a checkpoint, after the digest check.
 
@@ -61,7 +76,7 @@ def sources_manifest_dir(recorded: dict | None, override: str | os.PathLike | No
         raise ProvenanceError(f"{path}: sources manifest not found{hint}")
     if recorded is not None:
         got = _sha256(path)
-        if got != recorded["sha256"]:
+        if got != recorded["sha256"] and recorded["sha256"] not in _purged_from(folder):
             raise ProvenanceError(
                 f"{path}: sha256 {got} differs from {recorded['sha256']}, the manifest {where} was trained on; "
                 "source indices may not match the model (re-run prep? pass the original --manifest)")

@@ -1,0 +1,197 @@
+"""Write the unlearned checkpoint: a new version in which the sources' rows are gone.
+
+``erase``: every row of the sources, in every layer and pool shard, is set to exactly zero in
+the weight and in every per-row optimizer tensor (AdamW moments, fp32 master weights) and is
+flagged disabled; the sources join ``disabled_sources``. ``suppress``: the rows are only flagged
+(reversible, the weights keep them); ``restore`` lifts a suppression (rows that other off
+sources still need stay flagged).
+
+The new version is written under a temporary name beside its final one and renamed into place
+(``checkpoint.atomic.atomic_dir``): a SIGKILL at any moment leaves the old version untouched
+and either no new version or a complete one, never a half-zeroed one. Files that do not change
+(the backbone, untouched shards, the config) are hard-linked, not copied (copied when the
+destination is on another file system). ``latest`` moves to the new version only after it is in
+place; a run killed in between is completed by the next ``nulls unlearn`` on that root.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ..checkpoint.atomic import atomic_dir, checkpoint_version, clean_partial, read_latest, update_latest
+from ..checkpoint.sinks import (OPTIM_PREFIX, SINKS_DIR, SourceState, safetensors_bytes, shard_file_name,
+                                write_bytes_atomic, write_sink_manifest)
+from .checkpoint_view import RECEIPTS_DIR, CheckpointView, open_checkpoint
+from .collateral import rows_of
+
+ACTIONS = ("erase", "suppress", "restore")
+_TMP_RE = re.compile(r"^\..+\.tmp-\d+$")  # checkpoint.atomic's temp names
+Event = Callable[[str, Path], None]
+
+
+@dataclass
+class WriteResult:
+    path: Path
+    files: dict[str, dict[str, str]]  # "sinks/<file>": {"before": sha, "after": sha}
+    rows: dict[str, dict[str, list[int]]]  # layer-LLL -> shard-EEE -> rows (global pool rows)
+    linked: int = 0
+    copied: int = 0
+    latest_updated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def new_state(state: SourceState, action: str, sources: list[int]) -> SourceState:
+    """The source state after ``action`` on ``sources`` (receipts are appended by the caller)."""
+    disabled, suppressed = list(state.disabled_sources), set(state.suppressed_sources)
+    if action == "erase":
+        disabled += [s for s in sources if s not in set(disabled)]
+        suppressed -= set(sources)
+    elif action == "suppress":
+        suppressed |= set(sources)
+    elif action == "restore":
+        suppressed -= set(sources)
+    else:
+        raise ValueError(f"unknown action {action!r} (one of {', '.join(ACTIONS)})")
+    return replace(state, disabled_sources=disabled, suppressed_sources=sorted(suppressed))
+
+
+def changed_rows(view: CheckpointView, action: str, sources: list[int]) -> dict[int, np.ndarray]:
+    """Per layer, the rows whose file content changes: the sources' rows (erase, suppress) or the
+    rows whose suppression lifts (restore)."""
+    a, out = view.assignment, {}
+    for layer in view.layers:
+        rows = rows_of(a, sources, layer)
+        if action == "restore":
+            still_off = rows_of(a, new_state(view.state, action, sources).off_sources(), layer)
+            rows = np.setdiff1d(rows, still_off)
+        out[layer] = rows
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path, result: WriteResult) -> None:
+    try:
+        os.link(src, dst)
+        result.linked += 1
+    except OSError:
+        shutil.copy2(src, dst)
+        result.copied += 1
+
+
+def _link_tree(src: Path, dst: Path, skip: set[str], result: WriteResult) -> None:
+    for entry in sorted(src.iterdir()):
+        if entry.name in skip or _TMP_RE.match(entry.name):  # never dot-files in general: DCP's .metadata is one
+            continue
+        if entry.is_dir():
+            (dst / entry.name).mkdir()
+            _link_tree(entry, dst / entry.name, set(), result)
+        else:
+            _link_or_copy(entry, dst / entry.name, result)
+
+
+def _rewrite_shard(path: Path, action: str, rows: np.ndarray, off_rows: np.ndarray, lo: int) -> bytes:
+    """The new bytes of one layer/shard file (rows are global; ``lo`` is the shard's first row)."""
+    tensors = load_file(str(path))
+    local = torch.as_tensor(rows - lo, dtype=torch.int64)
+    if action == "erase":
+        for name, tensor in tensors.items():
+            if name == "weight" or name.startswith(OPTIM_PREFIX):
+                tensor[local] = 0
+    disabled = torch.zeros_like(tensors["disabled"])
+    disabled[torch.as_tensor(off_rows - lo, dtype=torch.int64)] = 1
+    tensors["disabled"] = disabled
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    inner = json.loads(meta["nulls"]) if "nulls" in meta else meta
+    return safetensors_bytes(tensors, inner)
+
+
+def write_version(view: CheckpointView, action: str, sources: list[int], receipt_writer: Callable[[WriteResult, Path], dict],
+                  out: Path | None = None, on_event: Event | None = None) -> WriteResult:
+    """Write the new version (``out``, or the next version beside ``view``); returns what changed.
+
+    ``receipt_writer(result, tmp_dir)`` writes the receipt into the temp directory once every
+    sink file is written and returns its manifest entry (``{"name", "sha256", "action"}``).
+    """
+    event = on_event or (lambda stage, path: None)
+    final = Path(out) if out is not None else view.next_version_path()
+    if out is None:
+        for debris in clean_partial(view.root):
+            event("cleaned", debris)
+    a = view.assignment
+    size = a.shard_size
+    state = new_state(view.state, action, sources)
+    changes = changed_rows(view, action, sources)
+    result = WriteResult(final, {}, {})
+    with atomic_dir(final) as tmp:
+        _link_tree(view.path, tmp, {SINKS_DIR}, result)
+        (tmp / SINKS_DIR).mkdir()
+        digests = view.file_digests()
+        for layer in view.layers:
+            off_rows = rows_of(a, state.off_sources(), layer)
+            rows = changes[layer]
+            touched = set((rows // size).tolist())
+            for shard in range(a.n_shards):
+                name = shard_file_name(layer, shard)
+                src, dst = view.sinks_dir / name, tmp / SINKS_DIR / name
+                if shard not in touched:
+                    _link_or_copy(src, dst, result)
+                    continue
+                lo = shard * size
+                in_shard = rows[(rows >= lo) & (rows < lo + size)]
+                data = _rewrite_shard(src, action, in_shard, off_rows[(off_rows >= lo) & (off_rows < lo + size)], lo)
+                write_bytes_atomic(dst, data)
+                after = hashlib.sha256(data).hexdigest()
+                result.files[f"{SINKS_DIR}/{name}"] = {"before": digests[name], "after": after}
+                result.rows.setdefault(f"layer-{layer:03d}", {})[f"shard-{shard:03d}"] = in_shard.tolist()
+                digests[name] = after
+                event("file", dst)
+        (tmp / RECEIPTS_DIR).mkdir(exist_ok=True)
+        entry = receipt_writer(result, tmp)
+        state.receipts = list(state.receipts) + [entry]
+        m = view.manifest
+        part = {"common": {"assignment": m["assignment"], "hidden_size": m["hidden_size"], "dtype": m["dtype"]},
+                "layers": view.layers, "optimizer_tensors": m.get("optimizer_tensors", []), "files": digests}
+        write_sink_manifest(tmp, [part], state)
+        event("written", tmp)
+    event("renamed", final)
+    if out is None and view.is_latest():
+        update_latest(view.root, final.name)
+        result.latest_updated = True
+        event("latest", final)
+    return result
+
+
+def finish_interrupted(root: Path) -> Path | None:
+    """If an unlearning was killed after its new version was renamed into place but before ``latest``
+    moved, move ``latest`` now (to the newest complete version of the same step descending from the
+    one ``latest`` names). Returns the version ``latest`` now names when it moved."""
+    try:
+        latest = read_latest(root)
+    except (OSError, ValueError):
+        return None
+    if latest is None or checkpoint_version(latest.name) is None:
+        return None
+    step, version = checkpoint_version(latest.name)
+    base = open_checkpoint(latest).state.receipts
+    newer = sorted((v, p) for p in root.iterdir()
+                   if (sv := checkpoint_version(p.name)) and sv[0] == step and (v := sv[1]) > version and p.is_dir())
+    for _, path in reversed(newer):
+        try:
+            receipts = open_checkpoint(path).state.receipts
+        except (OSError, ValueError):
+            continue
+        if receipts[:len(base)] == base and len(receipts) > len(base):
+            update_latest(root, path.name)
+            return path
+    return None
