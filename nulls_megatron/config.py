@@ -89,7 +89,7 @@ class OptimizerConfig:
     min_lr: float = 3e-4
     warmup_steps: int = 20
     weight_decay: float = 0.1  # backbone matrices and embeddings; never norms
-    sink_weight_decay: float = 0.0  # sink tables: decay would shrink every source's rows, seen or not
+    sink_weight_decay: float = 0.0  # must be 0 (validated): decay would shrink every source's rows, seen or not
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -161,6 +161,14 @@ def _validate(cfg: Config, origin: str) -> None:
     for path, value in (("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)):
         if not value < 1:
             _fail(origin, path, f"must be in (0, 1), got {value}")
+    if o.sink_weight_decay != 0:
+        # Decoupled decay multiplies every row of the sink table by (1 - lr * decay) each step, gradient
+        # or not: the rows of sources absent from the batch would fade, and "a row changes only when a
+        # source that owns it is trained on" would no longer hold (docs/training.md, after unlearning).
+        _fail(origin, "optimizer.sink_weight_decay",
+              f"must be 0, got {o.sink_weight_decay}: weight decay would shrink every sink row at every step, "
+              "including the rows of sources the batch does not hold, so sinks would change without their "
+              "source being trained on (see docs/training.md, 'Training after unlearning')")
     if o.min_lr > o.lr:
         _fail(origin, "optimizer.min_lr", f"{o.min_lr} exceeds optimizer.lr ({o.lr})")
     if t.zero_stage not in (1, 2):

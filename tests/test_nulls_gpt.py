@@ -85,8 +85,9 @@ def test_packed_documents_do_not_see_each_other(megatron_world):
         assert not torch.allclose(plain[0, 10:], plain_changed[0, 10:])
 
 
-def test_modes_through_the_model(megatron_world):
-    model = build()
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_modes_through_the_model(megatron_world, per_layer):
+    model = build(tiny_config(per_layer_sinks=per_layer))
     inputs, labels, sources = packed_batch()
     with torch.no_grad():
         train = model(inputs, labels=labels, source_ids=sources)
@@ -97,12 +98,19 @@ def test_modes_through_the_model(megatron_world):
             assert not torch.allclose(other, train)
         one = model(inputs, labels=labels, source_ids=sources, sink_mode="route", route_sources=3)
         assert not torch.allclose(one, train)
-        # Forgetting every source of the batch by disabling its sinks == backbone with unit scale.
-        rows = model.nulls_mlps()[0].sinks.assignment.sinks_of(sources.unique()).reshape(-1)
-        for mlp in model.nulls_mlps():
-            mlp.sinks.disabled[rows] = True
+        # Forgetting every source of the batch: disable its sinks, each layer's own rows (with per-layer
+        # sinks a source's rows differ by layer, so layer 0's rows would leave the others' on).
+        mlps = model.nulls_mlps()
+        rows = [mlp.sinks.assignment.sinks_of(sources.unique(), layer=mlp.sinks.layer_number).reshape(-1) for mlp in mlps]
+        assert (not torch.equal(rows[0], rows[1])) is per_layer
+        for mlp, layer_rows in zip(mlps, rows):
+            mlp.sinks.disabled[layer_rows] = True
         forgotten = model(inputs, labels=labels, source_ids=sources)
         assert not torch.allclose(forgotten, train)
+        # == the whole pool off: no sink of the batch's sources is left on in any layer.
+        for mlp in mlps:
+            mlp.sinks.disabled[:] = True
+        torch.testing.assert_close(model(inputs, labels=labels, source_ids=sources), forgotten, atol=0, rtol=0)
     with pytest.raises(ValueError, match="route_sources"):
         model(inputs, source_ids=sources, sink_mode="route")
 

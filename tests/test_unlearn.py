@@ -302,3 +302,27 @@ def test_unlearn_imports_no_training_code(trained_run, tmp_path):
             "'nulls_megatron.model', 'mlflow', 'ray'))]; assert not bad, bad; assert not d.is_initialized()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_training_after_unlearning_keeps_rows_zero(trained_run, tmp_path, capsys):
+    """Unlearn, then resume `nulls train` for 3 more steps at TP=2 on data that still holds the forgotten
+    documents: the loader skips them, the rows stay exactly zero, the receipt still verifies."""
+    run = trained_run.copy_to(tmp_path)
+    assert main(["unlearn", str(run.run_dir), "--source-index", "2", "--title", _titles(run.prep_dir)[17]]) == 0
+    unlearned = read_latest(run.root)
+    receipt = unlearned / read_sink_manifest(unlearned)["receipts"][0]["name"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "nulls_megatron.cli", "train", "--config", str(trained_run.config_path),
+                           "--set", f"train.run_dir={run.run_dir}", "--set", "train.steps=15", "--nproc", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resuming from {unlearned}" in proc.stdout and "their documents will be skipped" in proc.stdout
+    latest = read_latest(run.root)
+    assert latest.name == "step-000000015"
+    assert read_sink_manifest(latest)["disabled_sources"] == [2, 17]
+    for layer, rows in _rows(latest, [2, 17]).items():
+        t = _table(latest, layer)
+        assert all(t[k][rows].abs().sum() == 0 for k in ("weight", "optim.exp_avg", "optim.exp_avg_sq"))
+    capsys.readouterr()
+    assert main(["verify-unlearned", str(latest), "--receipt", str(receipt)]) == 0
+    assert "trained further" in capsys.readouterr().out

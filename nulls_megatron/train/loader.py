@@ -6,6 +6,10 @@ inside each shard. Laid end to end, that order is cut into ``dp_world`` contiguo
 ``pack_documents`` without a break at epoch ends, so no row is padded. The cursor (epoch, position in
 the rank's block, token offset in that document) of the first token of the next row is the whole
 resume state; restoring it opens one shard, found by the document counts of the shard index.
+
+Documents of ``skip_sources`` (the forgotten sources of the checkpoint being resumed) are dropped as
+they are read, before packing: they never reach a batch. Skipping is a function of the same data
+order, so the cursor stays exact; the state counts the skipped documents and tokens up to the cursor.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import json
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -190,11 +194,15 @@ class PackedLoader:
     Tensor- and pipeline-parallel ranks of one replica pass the same ``dp_rank`` and get the same
     batches. ``epochs=None`` streams forever; with a number the stream ends after that many epochs
     (the last row padded, the last batch possibly short), e.g. for one pass over held-out data.
+    ``skip_sources``: source indices whose documents are dropped when read (forgotten sources:
+    training after unlearning must not feed them again); counted in ``skipped_documents`` and
+    ``skipped_tokens`` (tokens after the ``max_document_tokens`` cut).
     """
 
     def __init__(self, prep_dir: str | Path, seq_length: int, micro_batch_rows: int, *, vocab_size: int,
                  seed: int = 0, dp_rank: int = 0, dp_world: int = 1, verify: bool = True,
-                 epochs: int | None = None, pad_token: int = 0, max_document_tokens: int = 0) -> None:
+                 epochs: int | None = None, pad_token: int = 0, max_document_tokens: int = 0,
+                 skip_sources: Iterable[int] = ()) -> None:
         for name, value, low in (("seq_length", seq_length, 2), ("micro_batch_rows", micro_batch_rows, 1),
                                  ("vocab_size", vocab_size, 1), ("dp_world", dp_world, 1), ("seed", seed, 0)):
             if value < low:
@@ -216,6 +224,11 @@ class PackedLoader:
         self._cursor = (0, 0, 0)  # (epoch, position in this rank's block, token offset): the next row's first token
         self.batches = 0  # batches yielded since the start of training (kept in the state)
         self.empty_documents = 0  # 0-token documents skipped (no labels; prep writes none); counted when read
+        self.skip_sources: frozenset[int] = frozenset(int(s) for s in skip_sources)
+        # Documents and tokens of skip_sources dropped before the cursor: exact across a resume, because
+        # the documents after the cursor are read (and counted) again by the resumed loader.
+        self.skipped_documents = 0
+        self.skipped_tokens = 0
         self._gen: Iterator[PackedRows] | None = None
 
     # -- order ---------------------------------------------------------------------------------
@@ -256,19 +269,28 @@ class PackedLoader:
     # -- packing -------------------------------------------------------------------------------
     def _batches(self) -> Iterator[PackedRows]:
         epoch, pos, offset = self._cursor
-        fed: deque[tuple[int, int, int, int]] = deque()  # (stream start, epoch, position, first token) per document
+        # (stream start, epoch, position, first token, documents and tokens skipped before it) per fed document
+        fed: deque[tuple[int, int, int, int, int, int]] = deque()
         stream = 0
+        skipped_documents, skipped_tokens = self.skipped_documents, self.skipped_tokens
 
         def documents() -> Iterator[tuple[int, np.ndarray]]:
-            nonlocal stream
+            nonlocal stream, skipped_documents, skipped_tokens
             skip = offset  # only the cursor's document starts mid-way
             for e, p, source, tokens in self._documents(epoch, pos):
                 if self.max_document_tokens:
                     tokens = tokens[: self.max_document_tokens]
+                if source in self.skip_sources:
+                    # The whole document, even when the cursor points into it: the cursor may come from
+                    # a checkpoint written before the source was forgotten.
+                    skipped_documents += 1
+                    skipped_tokens += int(tokens.size)
+                    skip = 0
+                    continue
                 if tokens.size == 0:
                     self.empty_documents += 1
                     continue
-                fed.append((stream, e, p, skip))
+                fed.append((stream, e, p, skip, skipped_documents, skipped_tokens))
                 stream += tokens.size - skip
                 yield source, tokens[skip:]
                 skip = 0
@@ -284,12 +306,13 @@ class PackedLoader:
             if len(rows) == self.micro_batch_rows:
                 while len(fed) > 1 and fed[1][0] <= consumed:
                     fed.popleft()
-                start, e, p, first = fed[0]
+                start, e, p, first, self.skipped_documents, self.skipped_tokens = fed[0]
                 self._cursor = (e, p, first + consumed - start)
                 self.batches += 1
                 yield PackedRows.stack(rows)
                 rows = []
         self._cursor = (self.epochs or 0, 0, 0)
+        self.skipped_documents, self.skipped_tokens = skipped_documents, skipped_tokens  # all of them were read
         if rows:
             self.batches += 1
             yield PackedRows.stack(rows)
@@ -309,7 +332,8 @@ class PackedLoader:
         return {"format": STATE_FORMAT, "index_sha256": self.index.sha256, "seed": self.seed,
                 "max_document_tokens": self.max_document_tokens,
                 "dp_rank": self.dp_rank, "dp_world": self.dp_world, "epoch": epoch, "position": pos,
-                "offset": offset, "batches": self.batches, "empty_documents": self.empty_documents}
+                "offset": offset, "batches": self.batches, "empty_documents": self.empty_documents,
+                "skipped_documents": self.skipped_documents, "skipped_tokens": self.skipped_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (of ``state_dict``): the next batch is the one an uninterrupted loader
@@ -333,3 +357,6 @@ class PackedLoader:
         self._cursor = (epoch, pos, offset)
         self.batches = int(state.get("batches", 0))
         self.empty_documents = int(state.get("empty_documents", 0))
+        # Absent in states written before forgotten sources were skipped: nothing was skipped then.
+        self.skipped_documents = int(state.get("skipped_documents", 0))
+        self.skipped_tokens = int(state.get("skipped_tokens", 0))

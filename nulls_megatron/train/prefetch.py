@@ -73,8 +73,15 @@ class PrefetchLoader:
         batch, self._state = item
         return batch
 
+    @property
+    def skip_sources(self) -> frozenset[int]:
+        """The sources whose documents the inner loader drops. Fixed when the :class:`PackedLoader` is
+        built, before this thread can start, so no read-ahead batch ever holds one of their documents."""
+        return self.loader.skip_sources
+
     def state_dict(self) -> dict:
-        """Where the next batch handed out starts (batches read ahead are not counted)."""
+        """Where the next batch handed out starts (batches read ahead are not counted), with the
+        counters of that point (``skipped_documents``, ``skipped_tokens``: read-ahead not counted)."""
         return dict(self._state)
 
     def load_state_dict(self, state: dict) -> None:

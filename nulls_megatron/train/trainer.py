@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..checkpoint.provenance import describe_sources_manifest
-from ..checkpoint.sinks import SourceState
+from ..checkpoint.sinks import SourceState, read_sink_manifest, source_state
 from ..config import Config, ConfigError, Engine as EngineName
 from ..model.gpt import build_nulls_gpt
 from ..model.parallel import init_model_parallel
@@ -132,6 +132,16 @@ def _pipeline_loss(loss: float | None) -> float:
     return float(value)
 
 
+def _skipped_forgotten(loader: PrefetchLoader) -> dict[str, float]:
+    """Documents and tokens of forgotten sources the loaders dropped so far, summed over data-parallel
+    replicas (the ranks of one replica read the same documents). Cumulative over the whole training,
+    resumes included: the counters travel in the loader state, up to the batches handed out."""
+    state = loader.state_dict()
+    count = torch.tensor([state["skipped_documents"], state["skipped_tokens"]], dtype=torch.int64)
+    dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    return {"data/skipped_forgotten_documents": float(count[0]), "data/skipped_forgotten_tokens": float(count[1])}
+
+
 def _global_tokens(batches) -> int:
     count = torch.tensor([sum(int(b.loss_mask.sum()) for b in batches)], dtype=torch.int64)
     dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
@@ -158,20 +168,32 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
     rank, dp_rank = dist.get_rank(), parallel_state.get_data_parallel_rank()
     dp_world = parallel_state.get_data_parallel_world_size()
     n_micro = micro_batches_per_step(cfg, dp_world)
+    # `latest` only ever names a complete checkpoint, so it can be read before the debris of killed
+    # saves is cleaned. Its forgotten sources (erased or suppressed) are known before the loader
+    # exists: training after unlearning must not feed their documents again, and the prefetch thread
+    # must not pack one even a batch ahead.
+    resumed = latest_checkpoint(cfg)
+    off = source_state(read_sink_manifest(resumed)).off_sources() if resumed is not None else []
     loader = PrefetchLoader(PackedLoader(
         cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows, vocab_size=cfg.model.vocab_size,
         seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world, verify=cfg.train.verify_shards,
-        max_document_tokens=cfg.train.max_document_tokens), depth=2 * n_micro)
+        max_document_tokens=cfg.train.max_document_tokens, skip_sources=off), depth=2 * n_micro)
     engine = build_model_and_engine(cfg, n_micro)
     assignment = assignment_from_config(cfg.nulls)
     prepare_checkpoint_root(cfg)
 
-    start, tokens, sources, resumed = 0, 0, SourceState(), latest_checkpoint(cfg)
+    start, tokens, sources = 0, 0, SourceState()
     if resumed is not None:
         state, sources = load_checkpoint(resumed, engine, loader)
         start, tokens = int(state["step"]), int(state["tokens"])
+        if sources.off_sources() != off:
+            raise RuntimeError(f"{resumed}: the sink manifest changed while it was loaded (off sources "
+                               f"{off[:5]}... then {sources.off_sources()[:5]}...)")
         if rank == 0:
             print(f"resuming from {resumed} (step {start})", flush=True)
+            if off:
+                print(f"{len(off)} sources are off in {resumed.name} ({len(sources.disabled_sources)} erased, "
+                      f"{len(sources.suppressed_sources)} suppressed): their documents will be skipped", flush=True)
 
     if sources.sources_manifest is None:  # which titles the source indices stand for, for `nulls unlearn`
         sources.sources_manifest = describe_sources_manifest(cfg.train.data) if rank == 0 else None
@@ -204,6 +226,8 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
                 tps = window_tokens / max(now - window_start, 1e-9)
                 metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": tokens}
                 metrics.update(sink_statistics(batches, assignment, parallel_state.get_data_parallel_group()))
+                if off:  # only runs that continue after unlearning have these
+                    metrics.update(_skipped_forgotten(loader))
                 tracker.log_step(done, metrics)
                 if rank == 0:
                     print(format_progress(done, total, loss, tps, now - began, start_step=start), flush=True)

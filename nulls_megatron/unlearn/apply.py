@@ -20,22 +20,21 @@ import json
 import os
 import re
 import shutil
+import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from ..checkpoint.atomic import atomic_dir, checkpoint_version, clean_partial, read_latest, update_latest
-from ..checkpoint.sinks import (OPTIM_PREFIX, SINKS_DIR, SourceState, safetensors_bytes, shard_file_name,
-                                write_bytes_atomic, write_sink_manifest)
+from ..checkpoint.sinks import (OPTIM_PREFIX, SINKS_DIR, SinkCheckpointError, SourceState, shard_file_name,
+                                write_sink_manifest)
 from .checkpoint_view import RECEIPTS_DIR, CheckpointView, open_checkpoint
 from .collateral import rows_of
 
 ACTIONS = ("erase", "suppress", "restore")
+_WRITERS = 2
 _TMP_RE = re.compile(r"^\..+\.tmp-\d+$")  # checkpoint.atomic's temp names
 Event = Callable[[str, Path], None]
 
@@ -99,21 +98,33 @@ def _link_tree(src: Path, dst: Path, skip: set[str], result: WriteResult) -> Non
             _link_or_copy(entry, dst / entry.name, result)
 
 
-def _rewrite_shard(path: Path, action: str, rows: np.ndarray, off_rows: np.ndarray, lo: int) -> bytes:
-    """The new bytes of one layer/shard file (rows are global; ``lo`` is the shard's first row)."""
-    tensors = load_file(str(path))
-    local = torch.as_tensor(rows - lo, dtype=torch.int64)
+def _edit_shard(raw: bytes, action: str, rows: np.ndarray, off_rows: np.ndarray, where: Path) -> bytes:
+    """The new bytes of one layer/shard file, edited in place in its safetensors layout (rows local to
+    the shard): the header, and so every byte outside the edited rows, stays as it was."""
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    out = bytearray(raw)
+    base = 8 + n
+
+    def spans(name: str) -> tuple[int, int]:
+        info = header[name]
+        lo, hi = info["data_offsets"]
+        return base + lo, (hi - lo) // info["shape"][0]
+
     if action == "erase":
-        for name, tensor in tensors.items():
+        for name in header:
             if name == "weight" or name.startswith(OPTIM_PREFIX):
-                tensor[local] = 0
-    disabled = torch.zeros_like(tensors["disabled"])
-    disabled[torch.as_tensor(off_rows - lo, dtype=torch.int64)] = 1
-    tensors["disabled"] = disabled
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    inner = json.loads(meta["nulls"]) if "nulls" in meta else meta
-    return safetensors_bytes(tensors, inner)
+                start, row_bytes = spans(name)
+                for r in rows.tolist():
+                    out[start + r * row_bytes:start + (r + 1) * row_bytes] = bytes(row_bytes)
+    info = header.get("disabled")
+    if info is None or info["dtype"] != "U8" or len(info["shape"]) != 1:
+        raise SinkCheckpointError(f"{where}: 'disabled' must be a uint8 vector, got {info}")
+    start, _ = spans("disabled")
+    flags = np.zeros(info["shape"][0], dtype=np.uint8)
+    flags[off_rows] = 1
+    out[start:start + len(flags)] = flags.tobytes()
+    return bytes(out)
 
 
 def write_version(view: CheckpointView, action: str, sources: list[int], receipt_writer: Callable[[WriteResult, Path], dict],
@@ -137,25 +148,47 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
         _link_tree(view.path, tmp, {SINKS_DIR}, result)
         (tmp / SINKS_DIR).mkdir()
         digests = view.file_digests()
+        jobs = []
         for layer in view.layers:
             off_rows = rows_of(a, state.off_sources(), layer)
             rows = changes[layer]
             touched = set((rows // size).tolist())
             for shard in range(a.n_shards):
-                name = shard_file_name(layer, shard)
-                src, dst = view.sinks_dir / name, tmp / SINKS_DIR / name
-                if shard not in touched:
-                    _link_or_copy(src, dst, result)
-                    continue
                 lo = shard * size
-                in_shard = rows[(rows >= lo) & (rows < lo + size)]
-                data = _rewrite_shard(src, action, in_shard, off_rows[(off_rows >= lo) & (off_rows < lo + size)], lo)
-                write_bytes_atomic(dst, data)
-                after = hashlib.sha256(data).hexdigest()
-                result.files[f"{SINKS_DIR}/{name}"] = {"before": digests[name], "after": after}
-                result.rows.setdefault(f"layer-{layer:03d}", {})[f"shard-{shard:03d}"] = in_shard.tolist()
-                digests[name] = after
-                event("file", dst)
+                jobs.append((layer, shard, shard in touched, rows[(rows >= lo) & (rows < lo + size)] - lo,
+                             off_rows[(off_rows >= lo) & (off_rows < lo + size)] - lo))
+
+        def one_file(job: tuple) -> tuple[str, str | None]:
+            layer, shard, touched, local_rows, local_off = job
+            name = shard_file_name(layer, shard)
+            src, dst = view.sinks_dir / name, tmp / SINKS_DIR / name
+            # Every file is checked against its digest before it is used: a damaged checkpoint is
+            # refused and the temp directory removed, so nothing of this run stays behind.
+            raw = src.read_bytes() if src.is_file() else None
+            if raw is None or (got := hashlib.sha256(raw).hexdigest()) != digests[name]:
+                what = "missing" if raw is None else f"sha256 {got} does not match the manifest's {digests[name]}"
+                raise SinkCheckpointError(f"{src}: {what}; the checkpoint is damaged, refusing to unlearn "
+                                          "(nothing was written)")
+            if not touched:
+                return name, None
+            data = _edit_shard(raw, action, local_rows, local_off, src)
+            with open(dst, "wb") as f:  # inside the temp directory: atomic_dir renames it whole
+                f.write(data)
+                os.fsync(f.fileno())
+            event("file", dst)
+            return name, hashlib.sha256(data).hexdigest()
+
+        # Hashing, writing and fsync release the GIL: two threads keep both cores and the disk busy.
+        with ThreadPoolExecutor(max_workers=_WRITERS) as pool:
+            done = list(pool.map(one_file, jobs))
+        for (layer, shard, touched, local_rows, _), (name, after) in zip(jobs, done):
+            src, dst = view.sinks_dir / name, tmp / SINKS_DIR / name
+            if after is None:
+                _link_or_copy(src, dst, result)
+                continue
+            result.files[f"{SINKS_DIR}/{name}"] = {"before": digests[name], "after": after}
+            result.rows.setdefault(f"layer-{layer:03d}", {})[f"shard-{shard:03d}"] = (local_rows + shard * size).tolist()
+            digests[name] = after
         (tmp / RECEIPTS_DIR).mkdir(exist_ok=True)
         entry = receipt_writer(result, tmp)
         state.receipts = list(state.receipts) + [entry]

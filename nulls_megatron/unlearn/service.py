@@ -69,14 +69,14 @@ def _sort_out(view: CheckpointView, action: str, sources: list[ResolvedSource]) 
 def run_unlearn(checkpoint: str | Path, requests: list[Request], *, action: str = "erase", out: str | Path | None = None,
                 dry_run: bool = False, manifest: str | Path | None = None, purge_data: str | Path | None = None,
                 json_path: str | Path | None = None, argv: list[str] | None = None, say: Print = print,
-                on_event: Event | None = None, cache_min_sources: int = CACHE_MIN_SOURCES) -> UnlearnOutcome:
+                on_event: Event | None = None, cache_min_sources: int = CACHE_MIN_SOURCES,
+                show_collateral: bool = True) -> UnlearnOutcome:
     view = open_checkpoint(checkpoint)
     if view.is_latest() and out is None:
         moved = finish_interrupted(view.root)
         if moved is not None:
             say(f"completed an interrupted unlearning: {view.root / 'latest'} now names {moved.name}")
             view = open_checkpoint(moved)
-    view.verify_sink_files()
     prep = sources_manifest_dir(view.state.sources_manifest, manifest, str(view.path))
     resolver = SourceResolver(prep)
     resolved, report = resolver.resolve(requests)
@@ -89,13 +89,14 @@ def run_unlearn(checkpoint: str | Path, requests: list[Request], *, action: str 
             f"in {view.path}")
         _write_json(json_path, outcome)
         return outcome
-    if action != "restore":
+    if action != "restore" and show_collateral:
         rows = SinkRows(view.assignment, len(resolver), cache_root=view.root, cache_min_sources=cache_min_sources,
                         progress=True)
         outcome.collateral = compute_collateral(view.assignment, view.layers, len(resolver), [s.index for s in act],
                                                 view.state.off_sources(), rows)
         say(format_collateral(outcome.collateral))
     if dry_run:
+        view.verify_sink_files()  # a real run checks every file as it reads it
         say("dry run: nothing was written")
         _write_json(json_path, outcome)
         return outcome

@@ -3,9 +3,10 @@
 Three groups, because the three kinds of weight want different weight decay:
 backbone matrices and embeddings decay (``optimizer.weight_decay``); norms do not
 (decaying a gain towards 0 only fights the loss); sink tables use
-``optimizer.sink_weight_decay`` (default 0), because decoupled decay shrinks
-*every* row each step, including the rows of sources the batch never saw, so a
-source would fade merely by not being sampled.
+``optimizer.sink_weight_decay``, which the config refuses unless it is 0, because
+decoupled decay shrinks *every* row each step, including the rows of sources the
+batch never saw, so a source would fade merely by not being sampled (and rows
+that no batch uses would not keep their values: docs/training.md).
 """
 from __future__ import annotations
 
