@@ -90,6 +90,7 @@ def measured(root: Path, n: int) -> None:
 
     from data_prep.manifest import Manifest
 
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # noqa: E731
     title = Manifest(root / "prep").row(n // 2, ["title"])["title"]
     view = open_checkpoint(root / "checkpoints")
     times = {}
@@ -98,6 +99,7 @@ def measured(root: Path, n: int) -> None:
         rows = SinkRows(view.assignment, n, cache_root=view.root)
         c = compute_collateral(view.assignment, view.layers, n, [n // 2], [], rows)
         times[label] = time.perf_counter() - t
+        print(f"  {label}: peak RSS so far {rss():.2f} GB")
     g = c["groups"][0]
     print(f"collateral of one source among {n:,}: {g['rows_to_zero']} rows in each of {len(view.layers)} layers, "
           f"{g['retained_sharing']:,} retained sources share one or more; cold {times['collateral_cold_s']:.2f} s "
@@ -107,14 +109,14 @@ def measured(root: Path, n: int) -> None:
     # The deletion itself: resolve, verify digests, write the version (the collateral it shows is timed above).
     outcome = run_unlearn(root / "checkpoints", [Request("title", title, "--title")], say=quiet, show_collateral=False)
     times["unlearn_s"] = time.perf_counter() - t
+    print(f"  unlearn: peak RSS so far {rss():.2f} GB")
     t = time.perf_counter()
     result = run_verify(outcome.written.path, receipt=outcome.receipt_path)
     times["verify_s"] = time.perf_counter() - t
     assert result.ok, result.problems
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"unlearn {times['unlearn_s']:.3f} s ({len(outcome.written.files)} files rewritten); verify "
-          f"{times['verify_s']:.3f} s ({result.rows_checked} rows in {result.files_checked} files); peak RSS {rss:.2f} GB")
-    print("TIMES " + " ".join(f"{k}={v:.3f}" for k, v in times.items()) + f" peak_rss_gb={rss:.2f}")
+          f"{times['verify_s']:.3f} s ({result.rows_checked} rows in {result.files_checked} files); peak RSS {rss():.2f} GB")
+    print("TIMES " + " ".join(f"{k}={v:.3f}" for k, v in times.items()) + f" peak_rss_gb={rss():.2f}")
 
 
 def run(n: int, hidden: int) -> dict:

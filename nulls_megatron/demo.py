@@ -1,10 +1,11 @@
 """The end-to-end demo on one CPU: train a tiny NULLs GPT on real articles, then
-forget a few of them by switching their sinks off, and show what changed.
+forget a few of them with `nulls unlearn`, and show what changed.
 
 It runs the real components in one process: the trainer of `nulls train` (Megatron-core
 GPT with NULLs MLPs, the shard loader with packed rows and block-diagonal attention, AdamW,
-MLflow, checkpoints), then reloads the final checkpoint as a deployment would. The forget-set numbers it
-prints are before/after, not against a retrained oracle: that is `nulls eval`.
+MLflow, checkpoints), `nulls unlearn` (a new checkpoint version with the articles' sink rows
+zeroed, a receipt, `verify-unlearned`), then reloads both versions as a deployment would. The
+forget-set numbers it prints are before/after, not against a retrained oracle: that is `nulls eval`.
 """
 from __future__ import annotations
 
@@ -103,6 +104,9 @@ def run_demo(cfg: Config, prep_dir: Path, titles: dict[int, str], options: DemoO
     from .model.gpt import build_nulls_gpt
     from .model.parallel import init_model_parallel
     from .train.trainer import train
+    from .unlearn.requests import Request
+    from .unlearn.service import run_unlearn, run_verify
+    from .unlearn.verify import format_verification
 
     documents, _ = documents_from_prep(prep_dir)
     cfg = demo_train_config(cfg, prep_dir, documents, options, out_dir)
@@ -113,24 +117,30 @@ def run_demo(cfg: Config, prep_dir: Path, titles: dict[int, str], options: DemoO
     checkpoint = Path(result.checkpoint)
     print(f"demo: trained to loss {result.losses[-1]:.3f}; checkpoint {checkpoint}")
 
-    init_model_parallel(cfg.parallel, cfg.seed)
-    model = build_nulls_gpt(cfg)
-    load_backbone(checkpoint, model, with_moments=False)
-    load_sink_tables(checkpoint, [mlp.sinks for mlp in model.nulls_mlps()])
-    documents = [(s, t[: options.max_doc_tokens]) for s, t in documents]
-    rows = PackedRows.stack(list(pack_documents(documents, cfg.model.seq_length)))
-
     # The forget set: a seeded draw among the sources, reproducible from the options.
     forget = sorted(torch.randperm(len(sources), generator=torch.Generator().manual_seed(options.seed + 1))[: options.forget].tolist())
     forget = [sources[i] for i in forget]
     retain = [s for s in sources if s not in set(forget)]
-    before = per_source_loss(model, rows, options.batch_rows)
+    outcome = run_unlearn(checkpoint, [Request("index", str(s), "demo") for s in forget],
+                          say=lambda line: print(f"unlearn: {line}"))
+    unlearned = outcome.written.path if outcome.written else checkpoint
+    verification = run_verify(unlearned, requests=[Request("index", str(s), "demo") for s in forget])
+    print(f"unlearn: {format_verification(verification)}")
+
+    init_model_parallel(dataclasses.replace(cfg.parallel, tensor_parallel=1, pipeline_parallel=1), cfg.seed)
+    model = build_nulls_gpt(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor_parallel=1,
+                                                                                   pipeline_parallel=1)))
     mlps = model.nulls_mlps()
-    forgotten_rows = mlps[0].sinks.assignment.sinks_of(torch.tensor(forget)).reshape(-1).unique()
-    for mlp in mlps:
-        mlp.sinks.disabled[forgotten_rows] = True
+    documents = [(s, t[: options.max_doc_tokens]) for s, t in documents]
+    rows = PackedRows.stack(list(pack_documents(documents, cfg.model.seq_length)))
+    load_backbone(checkpoint, model, with_moments=False)
+    load_sink_tables(checkpoint, [mlp.sinks for mlp in mlps])
+    before = per_source_loss(model, rows, options.batch_rows)
+    load_backbone(unlearned, model, with_moments=False)  # the shipped model: reloaded from the new version's files
+    load_sink_tables(unlearned, [mlp.sinks for mlp in mlps])
     after = per_source_loss(model, rows, options.batch_rows)
     backbone = per_source_loss(model, rows, options.batch_rows, sink_mode="backbone")
+    disabled = sum(int(mlp.sinks.disabled.sum()) for mlp in mlps)
     report = {
         "sources": len(sources),
         "rows": len(rows),
@@ -145,14 +155,18 @@ def run_demo(cfg: Config, prep_dir: Path, titles: dict[int, str], options: DemoO
         "forget_loss_backbone_mode": mean_over(backbone, forget),
         "retain_loss_before": mean_over(before, retain),
         "retain_loss_after": mean_over(after, retain),
-        "pool_rows_disabled": int(forgotten_rows.numel()),
-        "pool_fraction_disabled": forgotten_rows.numel() / cfg.nulls.n_pool,
+        "pool_rows_disabled": disabled // len(mlps),
+        "pool_fraction_disabled": disabled / len(mlps) / cfg.nulls.n_pool,
+        "unlearned_checkpoint": str(unlearned),
+        "receipt": str(outcome.receipt_path) if outcome.receipt_path else None,
+        "receipt_sha256": outcome.receipt_sha256,
+        "verified": verification.ok,
     }
     with atomic_file(out_dir / "demo_report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
 
-    print(f"\nforgot {len(forget)} sources by disabling {report['pool_rows_disabled']} sink rows "
-          f"({report['pool_fraction_disabled']:.1%} of the pool) in every layer:")
+    print(f"\nforgot {len(forget)} sources by zeroing their sink rows in the stored weights ({report['pool_rows_disabled']} "
+          f"rows per layer, {report['pool_fraction_disabled']:.1%} of the pool); receipt {report['receipt']}:")
     for item in report["forgotten"]:
         print(f"  {item['title'][:50]:<50} loss {item['loss_before']:.3f} -> {item['loss_after']:.3f} nats/token")
     print(f"forgotten sources: {report['forget_loss_before']:.3f} -> {report['forget_loss_after_own_sinks_off']:.3f} "

@@ -31,10 +31,16 @@ def test_demo_runs_prep_training_and_forgetting(tmp_path):
         report["forget_loss_after_own_sinks_off"] - report["forget_loss_before"]
     )
     assert 0 < report["pool_fraction_disabled"] <= 3 * 32 / 2048
+    # Forgotten with `nulls unlearn`: a new version with a receipt, verified, named by `latest`.
+    assert report["verified"] and Path(report["receipt"]).is_file() and "-unlearn-001" in report["unlearned_checkpoint"]
+    import hashlib
+
+    assert hashlib.sha256(Path(report["receipt"]).read_bytes()).hexdigest() == report["receipt_sha256"]
+    assert report["forget_loss_after_own_sinks_off"] > report["forget_loss_before"]
     assert (tmp_path / "prep" / "manifest.parquet").is_file()
     # Trained by the real trainer: a checkpoint named by `latest` and a finished MLflow run beside it.
     latest = (tmp_path / "train" / "checkpoints" / "latest").read_text().strip()
-    assert report["checkpoint"].endswith(latest) and (tmp_path / "train" / "checkpoints" / latest / "sinks" / "manifest.json").is_file()
+    assert report["unlearned_checkpoint"].endswith(latest) and (tmp_path / "train" / "checkpoints" / latest / "sinks" / "manifest.json").is_file()
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'train' / 'mlflow.db'}").get_run(report["mlflow_run_id"])

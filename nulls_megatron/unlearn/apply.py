@@ -16,11 +16,9 @@ place; a run killed in between is completed by the next ``nulls unlearn`` on tha
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +30,7 @@ from ..checkpoint.sinks import (OPTIM_PREFIX, SINKS_DIR, SinkCheckpointError, So
                                 write_sink_manifest)
 from .checkpoint_view import RECEIPTS_DIR, CheckpointView, open_checkpoint
 from .collateral import rows_of
+from .st_layout import tensor_spans
 
 ACTIONS = ("erase", "suppress", "restore")
 _WRITERS = 2
@@ -101,29 +100,20 @@ def _link_tree(src: Path, dst: Path, skip: set[str], result: WriteResult) -> Non
 def _edit_shard(raw: bytes, action: str, rows: np.ndarray, off_rows: np.ndarray, where: Path) -> bytes:
     """The new bytes of one layer/shard file, edited in place in its safetensors layout (rows local to
     the shard): the header, and so every byte outside the edited rows, stays as it was."""
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    spans = tensor_spans(raw, where)
     out = bytearray(raw)
-    base = 8 + n
-
-    def spans(name: str) -> tuple[int, int]:
-        info = header[name]
-        lo, hi = info["data_offsets"]
-        return base + lo, (hi - lo) // info["shape"][0]
-
     if action == "erase":
-        for name in header:
+        for name, span in spans.items():
             if name == "weight" or name.startswith(OPTIM_PREFIX):
-                start, row_bytes = spans(name)
+                size = span.row_bytes
                 for r in rows.tolist():
-                    out[start + r * row_bytes:start + (r + 1) * row_bytes] = bytes(row_bytes)
-    info = header.get("disabled")
-    if info is None or info["dtype"] != "U8" or len(info["shape"]) != 1:
-        raise SinkCheckpointError(f"{where}: 'disabled' must be a uint8 vector, got {info}")
-    start, _ = spans("disabled")
-    flags = np.zeros(info["shape"][0], dtype=np.uint8)
-    flags[off_rows] = 1
-    out[start:start + len(flags)] = flags.tobytes()
+                    out[span.start + r * size:span.start + (r + 1) * size] = bytes(size)
+    flags = spans.get("disabled")
+    if flags is None or flags.dtype != "U8" or len(flags.shape) != 1:
+        raise SinkCheckpointError(f"{where}: 'disabled' must be a uint8 vector, got {flags}")
+    values = np.zeros(flags.shape[0], dtype=np.uint8)
+    values[off_rows] = 1
+    out[flags.start:flags.start + len(values)] = values.tobytes()
     return bytes(out)
 
 

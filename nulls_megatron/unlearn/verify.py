@@ -11,15 +11,16 @@ Checks, each failure naming the file, layer, row and what is wrong:
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 
-from ..checkpoint.sinks import OPTIM_PREFIX, sha256_file, shard_file_name
+from ..checkpoint.sinks import OPTIM_PREFIX, shard_file_name
 from .checkpoint_view import CheckpointView
 from .collateral import rows_of
+from .st_layout import tensor_spans
 
 _SHOWN_ROWS = 5
 
@@ -43,42 +44,48 @@ def verify(view: CheckpointView, sources: list[int], action: str = "erase", rece
            receipt_sha256: str | None = None) -> Verification:
     result = Verification(view.path, sorted(sources), action)
     problems = result.problems
+    contents: dict[str, bytes] = {}
+    a = view.assignment
+    size = a.shard_size
+    wanted = {layer: rows_of(a, sources, layer) for layer in view.layers}
     for name, want in view.file_digests().items():
         path = view.sinks_dir / name
+        result.files_checked += 1
         if not path.is_file():
             problems.append(f"{path}: missing (listed in the sink manifest)")
-        elif (got := sha256_file(path)) != want:
+            continue
+        raw = path.read_bytes()
+        if (got := hashlib.sha256(raw).hexdigest()) != want:
             problems.append(f"{path}: sha256 {got} does not match the sink manifest's {want}")
-        result.files_checked += 1
+        else:
+            contents[name] = raw  # tensors of a file that does not match its digest are never read
     if problems:
-        return result  # tensors of files that do not match their digests are not read
+        return result
     listed = set(view.state.disabled_sources if action == "erase" else view.state.suppressed_sources)
     missing = [s for s in sources if s not in listed]
     if missing:
         which = "disabled_sources" if action == "erase" else "suppressed_sources"
         problems.append(f"{view.sinks_dir / 'manifest.json'}: sources {missing} are not in {which}")
-    a = view.assignment
-    size = a.shard_size
     expected_rows: dict[str, dict[str, list[int]]] = {}
     for layer in view.layers:
-        rows = rows_of(a, sources, layer)
+        rows = wanted[layer]
         for shard in range(a.n_shards):
             lo = shard * size
             mine = rows[(rows >= lo) & (rows < lo + size)]
             if not len(mine):
                 continue
             expected_rows.setdefault(f"layer-{layer:03d}", {})[f"shard-{shard:03d}"] = mine.tolist()
-            path = view.sinks_dir / shard_file_name(layer, shard)
-            with safe_open(str(path), framework="pt") as f:
-                local = mine - lo
-                flags = f.get_tensor("disabled")[local].numpy()
-                _report_rows(problems, path, layer, mine[flags == 0], len(mine), "not flagged disabled")
-                if action == "erase":
-                    for name in sorted(f.keys()):
-                        if name == "weight" or name.startswith(OPTIM_PREFIX):
-                            values = f.get_tensor(name)[local].reshape(len(local), -1)
-                            _report_rows(problems, path, layer, mine[values.ne(0).any(1).numpy()], len(mine),
-                                         f"{name} is not zero")
+            name = shard_file_name(layer, shard)
+            path, raw = view.sinks_dir / name, contents[name]
+            spans = tensor_spans(raw, path)
+            local = mine - lo
+            flags = spans["disabled"].rows(raw, local).ravel()
+            _report_rows(problems, path, layer, mine[flags == 0], len(mine), "not flagged disabled")
+            if action == "erase":
+                for tensor in sorted(spans):
+                    if tensor == "weight" or tensor.startswith(OPTIM_PREFIX):
+                        values = spans[tensor].rows(raw, local)
+                        _report_rows(problems, path, layer, mine[(values != 0).any(1)], len(mine), f"{tensor} is not zero")
             result.rows_checked += len(mine)
     if receipt is not None:
         _check_receipt(view, receipt, receipt_sha256, expected_rows, result)
