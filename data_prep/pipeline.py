@@ -9,17 +9,23 @@ Phases (each resumable, see data_prep/tasks.py for the done-markers):
      (data_prep/manifest.py) and cuts the sources, in index order, into shards of the target size.
   4. shards: one Ray task per shard copies its documents' tokens into a webdataset tar.
   5. finish: shard_index.json, manifest.parquet + title index, prep_report.json; work/ is removed.
+An input that yields no document (an empty file, every record skipped) stops the run before phase 4
+with an InputError naming it and its skip counts: nothing is written that reads as a finished output.
 Every byte written depends only on the inputs and the config, never on the number of workers, the
 order in which tasks finish, or where a previous run was killed.
 """
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -29,10 +35,10 @@ from tqdm import tqdm
 
 from data_prep import tasks
 from data_prep.config import PrepConfig, RayConfig
-from data_prep.documents import Chunk, SkipReport
+from data_prep.documents import Chunk, InputError, SkipReport
 from data_prep.manifest import (MANIFEST_NAME, duplicate_reason, number_sources, read_manifest, title_hashes,
                                 write_manifest, write_title_index)
-from data_prep.readers import InputSpec, plan_chunks
+from data_prep.readers import InputSpec, plan_chunks, read_chunk
 from data_prep.shards import (SHARD_DIR, SHARD_INDEX_NAME, ShardInfo, estimate_sample_bytes, plan_shards,
                               shard_index_json, shard_name)
 from data_prep.tokenizer import card_json, sha256, token_dtype, tokenizer_card, train_tokenizer
@@ -40,15 +46,57 @@ from data_prep.tokenizer import processor as load_processor
 
 REPORT_NAME = "prep_report.json"
 _TRASH = ".work-deleting"
+LOOPBACK = "127.0.0.1"
+_EXAMPLES = 3  # skipped records quoted per input in the "yields no document" error
 
 _encode_task = ray.remote(tasks.encode_chunk)
 _sample_task = ray.remote(tasks.sample_chunk)
 _shard_task = ray.remote(tasks.write_shard_unit)
 
 
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While Ray starts, make its node address the loopback one, so every Ray server binds to it.
+
+    Ray 2.60 binds its servers (GCS, raylet, workers, agents) to the node address when that is the
+    loopback address and to every interface (``::``) otherwise, and ``ray.init(_node_ip_address=
+    "127.0.0.1")`` alone does not help: ``resolve_ip_for_localhost`` turns it into the LAN address on
+    Linux. Only with Ray's ``ENABLE_RAY_CLUSTER`` switch off (its documented environment variable
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the setting macOS and Windows run with) is the node
+    address 127.0.0.1. The variable is read when Ray is imported, so the module constant is set too;
+    the started processes inherit the variable. Both are restored afterwards, so a later ray.init
+    of a cluster in this process is not affected."""
+    from ray._private import ray_constants
+
+    name = getattr(ray_constants, "ENABLE_RAY_CLUSTERS_ENV_VAR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    saved_env, saved_flag = os.environ.get(name), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[name] = "0"
+    if saved_flag is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
+        if saved_flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # "::ffff:127.0.0.1", as dual-stack sockets report it
+    return (mapped or ip).is_loopback
+
+
 def connect_ray(rc: RayConfig) -> bool:
     """Join the session already open in this process, the cluster at ``rc.address`` (or $RAY_ADDRESS,
-    as set inside a Ray job), or start a local Ray. Returns whether this call started it."""
+    as set inside a Ray job), or start a local Ray listening on 127.0.0.1 only (a laptop run must not
+    expose Ray's unauthenticated ports to the network). Returns whether this call started it."""
     if ray.is_initialized():
         return False
     address = rc.address or os.environ.get("RAY_ADDRESS")
@@ -57,7 +105,12 @@ def connect_ray(rc: RayConfig) -> bool:
     else:
         # "local" always starts a fresh instance: plain ray.init() would join whatever cluster
         # /tmp/ray/ray_current_cluster names, even a dead one from an earlier `ray start`.
-        ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=False)
+        with _loopback_node():
+            ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK)
+        node_ip = ray.util.get_node_ip_address()
+        if not _is_loopback(node_ip):  # a Ray release that resolves the address differently
+            warnings.warn(f"the local Ray started for nulls prep has node address {node_ip}, not {LOOPBACK}: "
+                          "its ports may be reachable from the network", RuntimeWarning, stacklevel=2)
     return True
 
 
@@ -74,7 +127,64 @@ def _wait_all(refs: dict, bar: tqdm, on_done) -> None:
         bar.refresh()
 
 
-def _tokenizer(cfg: PrepConfig, chunks: list[Chunk], out: Path, work: Path, progress: bool) -> bytes:
+def _scan_chunk(chunk: Chunk) -> tuple[int, SkipReport]:
+    """Documents and skipped records of one chunk, read without encoding (only to explain an empty
+    tokenizer sample: the encode phase, which normally counts them, needs a tokenizer)."""
+    report = SkipReport(max_entries=_EXAMPLES)
+    return sum(1 for _ in read_chunk(chunk, report)), report
+
+
+_scan_task = ray.remote(_scan_chunk)
+
+
+def _count_skips(counts: dict[str, int]) -> str:
+    """"bad_json 2, missing_field 1": most frequent reason first, then by name (stable output)."""
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def check_inputs_yield(specs: list[InputSpec], documents: list[int], reports: list[SkipReport]) -> None:
+    """Raise an InputError naming every input that yields no document (``documents[i]``: its documents
+    kept; ``reports[i]``: its skipped records, duplicates included), with why: no record at all, or
+    every record skipped, with the counts per reason and the first skipped records.
+
+    A run that carries on would write no shard for the input (or, with no document at all, a shard
+    index naming a shard that does not exist): the mistake (a wrong format, a wrong file, a cut-off
+    download) would surface only when training, or never."""
+    problems: list[str] = []
+    for i, (spec, kept, report) in enumerate(zip(specs, documents, reports)):
+        if kept:
+            continue
+        where = f"inputs[{i}] {spec.path}"
+        if report.total() == 0:
+            path = Path(spec.path)
+            empty = path.is_file() and path.stat().st_size == 0
+            why = "it is an empty file" if empty else f"no record was read from it (format {spec.format!r})"
+            problems.append(f"{where}: yields no document: {why}")
+            continue
+        examples = "; ".join(f"{file} {record} ({why})" for file, record, why in report.entries[:_EXAMPLES])
+        problems.append(f"{where}: yields no document: all {report.total()} of its records were skipped "
+                        f"({_count_skips(report.counts())}); first: {examples}")
+    if problems:
+        head = "an input yields no document" if len(problems) == 1 else f"{len(problems)} inputs yield no document"
+        raise InputError(f"{head} (fix or remove it; nothing was written as a finished output):\n  " + "\n  ".join(problems))
+
+
+def _explain_empty_sample(specs: list[InputSpec], chunks: list[Chunk], sampled: int) -> None:
+    """The tokenizer sample is empty: name the inputs that yield no document (a Ray task per chunk reads
+    it once more, counting its skips), or say that the sampled chunks happen to hold none."""
+    reports = [SkipReport(max_entries=_EXAMPLES) for _ in specs]
+    documents = [0] * len(specs)
+    refs = [_scan_task.remote(c) for c in chunks]
+    for chunk, ref in zip(chunks, refs):
+        n, report = ray.get(ref)
+        documents[chunk.input_index] += n
+        reports[chunk.input_index].merge(report)
+    check_inputs_yield(specs, documents, reports)
+    raise ValueError(f"tokenizer: the training sample from {sampled} of {len(chunks)} chunks is empty although the "
+                     "inputs hold documents; raise tokenizer.sample_chunks")
+
+
+def _tokenizer(cfg: PrepConfig, specs: list[InputSpec], chunks: list[Chunk], out: Path, work: Path, progress: bool) -> bytes:
     t = cfg.tokenizer
     if t.model_path is not None:
         model = Path(t.model_path).read_bytes()
@@ -98,6 +208,8 @@ def _tokenizer(cfg: PrepConfig, chunks: list[Chunk], out: Path, work: Path, prog
             refs = {_sample_task.remote(chunks[i], budget): i for i in picks}
             _wait_all(refs, bar, lambda i, lines: (parts.__setitem__(i, lines), bar.update(1)))
         lines = [line for i in picks for line in parts[i]]
+        if not lines:
+            _explain_empty_sample(specs, chunks, len(picks))
         started = time.perf_counter()
         model = train_tokenizer(lines, t)
         if progress:
@@ -180,7 +292,8 @@ class ChunkDocs:
         return pa.concat_tables(parts)
 
 
-def _report_duplicates(report: SkipReport, docs: pa.Table, source_index: np.ndarray, chunks: list[Chunk], work: Path) -> None:
+def _report_duplicates(report: SkipReport, docs: pa.Table, source_index: np.ndarray, chunks: list[Chunk], work: Path,
+                       per_input: list[SkipReport]) -> None:
     dup = np.flatnonzero(source_index < 0)
     if not len(dup):
         return
@@ -190,7 +303,9 @@ def _report_duplicates(report: SkipReport, docs: pa.Table, source_index: np.ndar
         if cid not in origins:  # origins are long strings: read them only for chunks that have duplicates
             origins[cid] = pq.read_table(tasks.chunk_paths(work, tasks.chunk_name(chunks[cid]))[1], columns=["origin"])["origin"].to_pylist()
         path, origin = chunks[cid].path, origins[cid][row]  # origin: "<file>:<record>"
-        report.skip(path, origin[len(path) + 1:] if origin.startswith(path + ":") else origin, duplicate_reason(key))
+        record = origin[len(path) + 1:] if origin.startswith(path + ":") else origin
+        report.skip(path, record, duplicate_reason(key))
+        per_input[chunks[cid].input_index].skip(path, record, duplicate_reason(key))
 
 
 def _write_shards(plan: dict, chunks: list[Chunk], results: list[tasks.ChunkResult], dtype: str, work: Path,
@@ -267,17 +382,25 @@ def run_prep(cfg: PrepConfig, progress: bool = True) -> dict:
     specs = [InputSpec(path=s.path, format=s.format, group=s.group, index_path=s.index_path,
                        max_chars=s.max_chars or cfg.max_chars) for s in cfg.inputs]
     chunks = plan_chunks(specs, cfg.chunk_bytes)
+    if not chunks:  # no reader found any work: every input is empty, and no Ray is needed to say so
+        check_inputs_yield(specs, [0] * len(specs), [SkipReport() for _ in specs])
     started_ray = connect_ray(cfg.ray)
     try:
-        model = _tokenizer(cfg, chunks, out, work, progress)
+        model = _tokenizer(cfg, specs, chunks, out, work, progress)
         dtype = token_dtype(load_processor(model).get_piece_size()).name
         results = _encode(chunks, model, dtype, work, progress)
         docs = gather_documents(chunks, work)
         plan = plan_sources(docs, base, cfg.shards.target_bytes, np.dtype(dtype).itemsize)
         report = SkipReport()
-        for r in results:  # chunk order, so the report's entries are in a reproducible order
+        per_input = [SkipReport(max_entries=_EXAMPLES) for _ in specs]
+        for c, r in zip(chunks, results):  # chunk order, so the report's entries are in a reproducible order
             report.merge(r.report)
-        _report_duplicates(report, docs, plan["source_index"], chunks, work)
+            per_input[c.input_index].merge(r.report)
+        _report_duplicates(report, docs, plan["source_index"], chunks, work, per_input)
+        input_of_chunk = np.array([c.input_index for c in chunks], np.int64)
+        kept = input_of_chunk[docs["chunk_id"].to_numpy()[plan["source_index"] >= 0]]
+        # Before any shard is written: a failed run leaves no shard, shard index, manifest or report.
+        check_inputs_yield(specs, np.bincount(kept, minlength=len(specs)).tolist(), per_input)
         infos = _write_shards(plan, chunks, results, dtype, work, out / SHARD_DIR, progress)
         tasks.replace_bytes(out / SHARD_INDEX_NAME, shard_index_json(infos, dtype, sha256(model)))
         absent = write_sources(out, docs, ChunkDocs(chunks, work, docs), plan, base)
@@ -289,9 +412,13 @@ def run_prep(cfg: PrepConfig, progress: bool = True) -> dict:
         tasks.replace_bytes(out / REPORT_NAME, (json.dumps({**summary, **report.to_dict()}, indent=1, ensure_ascii=False) + "\n").encode())
         if not cfg.keep_work:
             _remove_work(out)
+        # On the console, not only in the report: skipped records are data the model will not see.
+        print(f"skipped {report.total():,} records{': ' + _count_skips(report.counts()) if report.total() else ''} "
+              f"(details: {out / REPORT_NAME})", flush=True)
         # new_sources depends on what the folder held before (a resumed run may already have written its
         # manifest), so it stays out of prep_report.json, which must be the same for every route to the result.
-        return {**summary, "new_sources": plan["n_sources"] - (0 if base is None else base.num_rows)}
+        return {**summary, "new_sources": plan["n_sources"] - (0 if base is None else base.num_rows),
+                "skipped": report.counts()}
     finally:
         if started_ray:
             ray.shutdown()

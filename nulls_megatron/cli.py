@@ -63,13 +63,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .demo import DemoOptions, documents_from_prep, run_demo
 
+    import dataclasses
+    import json
+    import shutil
+
     cfg = load_config(args.config, args.overrides)
     out = Path(args.output)
+    if args.fresh and out.exists():
+        print(f"demo: --fresh: removing {out}")
+        shutil.rmtree(out)
     prep_dir = out / "prep"
     # The tokenizer is trained to the model's vocabulary size.
     prep_cfg = load_prep_config(args.prep_config, [f"tokenizer.vocab_size={cfg.model.vocab_size}"], output_dir=str(prep_dir))
-    summary = run_prep(prep_cfg)
-    print(f"demo: prep wrote {summary['sources']} sources, {summary['tokens']:,} tokens in {summary['shards']} shards to {prep_dir}")
+    # A finished prep of the same config is reused: a rerun of the demo does not redo it.
+    stamp, wanted = prep_dir / ".demo_prep.json", json.dumps(dataclasses.asdict(prep_cfg), sort_keys=True, default=str)
+    if stamp.is_file() and stamp.read_text() == wanted and (prep_dir / "prep_report.json").is_file():
+        summary = json.loads((prep_dir / "prep_report.json").read_text())
+        print(f"demo: reusing the finished prep in {prep_dir} (--fresh redoes it)")
+    else:
+        summary = run_prep(prep_cfg)
+        stamp.write_text(wanted)
+    print(f"demo: prep: {summary['sources']} sources, {summary['tokens']:,} tokens in {summary['shards']} shards in {prep_dir}")
     _, titles = documents_from_prep(prep_dir)
     options = DemoOptions(epochs=args.epochs, max_doc_tokens=args.max_doc_tokens, batch_rows=args.batch_rows, lr=args.lr, forget=args.forget, seed=args.seed)
     run_demo(cfg, prep_dir, titles, options, out, config_path=args.config)
@@ -86,10 +100,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "-m", "nulls_megatron.cli", "train", "--config", args.config]
         for item in args.overrides:
             argv += ["--set", item]
+        if args.resume_from:
+            argv += ["--resume-from", args.resume_from]
         os.execv(sys.executable, argv)
     from .train.trainer import train
 
-    result = train(cfg, config_path=args.config)
+    result = train(cfg, config_path=args.config, resume_from=args.resume_from)
     if result.losses and int(os.environ.get("RANK", "0")) == 0:
         print(f"train: {result.steps_run} steps, final step {result.final_step}, last loss {result.losses[-1]:.4f}, "
               f"checkpoint {result.checkpoint}")
@@ -114,11 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as prep_cli
 
     prep_cli.register(sub)
+    from .routing import cli as routing_cli; routing_cli.register(sub)  # noqa: E702  (nulls route-index)
+    from .inference import cli as inference_cli; inference_cli.register(sub)  # noqa: E702  (nulls generate)
 
     p = sub.add_parser("train", help="train (or resume) a NULLs GPT on the shards of `nulls prep`")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (launches torchrun); under torchrun/srun leave at 1")
+    p.add_argument("--resume-from", metavar="STEP", help="roll back to this checkpoint (a step, or a name like "
+                   "step-000000200) and resume from it; newer checkpoints move aside into rolled-back-<time>/")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="prep the embedded Wikipedia sample, train a tiny NULLs GPT on it, forget a few articles")
@@ -133,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--forget", type=int, default=defaults.forget, help="how many sources to forget")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--fresh", action="store_true", help="redo every stage (a rerun reuses finished prep and training)")
     p.set_defaults(func=cmd_demo)
+
+    from .checkpoint import cli as checkpoint_cli
+    from .unlearn import cli as unlearn_cli
+
+    unlearn_cli.register(sub)
+    checkpoint_cli.register(sub)
     return parser
 
 
@@ -144,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"nulls {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -288,7 +288,13 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            value = yaml.load(raw, Loader=StrictLoader)
+        except DuplicateKeyError as err:
+            raise ConfigError(f"override {item!r}: duplicate key {err.key!r}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: not valid YAML: {err}") from None
+        parsed.append((key.strip(), value))
     return parsed
 
 
@@ -303,17 +309,69 @@ def dataclass_from_dict(cls: type, data: dict | None, origin: str = "config", ov
     return validate(origin) if callable(validate) else obj
 
 
-def load_yaml_dataclass(cls: type, path: str | Path, overrides: Iterable[str] = ()) -> Any:
-    """Read a YAML file into dataclass ``cls``, apply ``dotted.key=value`` overrides, validate."""
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice; ``line`` and ``first_line`` are 1-based."""
+
+    def __init__(self, key: Any, line: int, first_line: int, node: yaml.Node) -> None:
+        super().__init__(None, None, f"duplicate key {key!r} (first at line {first_line})", node.start_mark)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping.
+
+    Plain YAML loaders keep the last value of a repeated key without a word, so a config edited in two
+    places silently runs with one of them. Keys brought in by a ``<<`` merge may still be overridden:
+    that is what a merge is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base constructor reports unhashable keys with their position
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(key, line, first[key], key_node)
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document of ``path``, read with :class:`StrictLoader`; errors name ``file:line``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}:{err.line}: duplicate key {err.key!r} (first at line {err.first_line}); "
+                          "YAML would keep only the last value, so write the key once") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+        mark = getattr(err, "problem_mark", None)
+        if mark is None:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}") from err
+
+
+def load_yaml_dataclass(cls: type, path: str | Path, overrides: Iterable[str] = ()) -> Any:
+    """Read a YAML file into dataclass ``cls``, apply ``dotted.key=value`` overrides, validate.
+
+    Refused, naming ``file:line``: a key repeated in one mapping, an empty file (or only comments, or
+    ``{}``: an empty config is far more often a wrong or truncated file than a wish for every
+    default; write one value to mean it), and a top level that is not a mapping."""
+    path = Path(path)
+    data = read_yaml(path)
+    if data is None or data == {}:
+        raise ConfigError(f"{path}:1: the config is empty (no key); a config must set at least one value")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping, got {type(data).__name__}")
     return dataclass_from_dict(cls, data, origin=str(path), overrides=overrides)
 
 

@@ -103,6 +103,8 @@ def run_demo(cfg: Config, prep_dir: Path, titles: dict[int, str], options: DemoO
     from .checkpoint.sinks import load_sink_tables
     from .model.gpt import build_nulls_gpt
     from .model.parallel import init_model_parallel
+    from .checkpoint.atomic import checkpoint_version, version_name
+    from .checkpoint.sinks import read_sink_manifest
     from .train.trainer import train
     from .unlearn.requests import Request
     from .unlearn.service import run_unlearn, run_verify
@@ -114,16 +116,23 @@ def run_demo(cfg: Config, prep_dir: Path, titles: dict[int, str], options: DemoO
     print(f"demo: {len(documents)} documents as {len(sources)} sources (each cut to {options.max_doc_tokens} tokens), "
           f"{options.epochs} epochs = {cfg.train.steps} steps of {options.batch_rows} rows x {cfg.model.seq_length} tokens")
     result = train(cfg, config_path=config_path)
-    checkpoint = Path(result.checkpoint)
-    print(f"demo: trained to loss {result.losses[-1]:.3f}; checkpoint {checkpoint}")
+    final = Path(result.checkpoint)
+    # A rerun finds training finished at `latest`, which may be the unlearned version: the trained weights
+    # are the step's own version, and the unlearning below is idempotent.
+    step, _ = checkpoint_version(final.name)
+    checkpoint = final.parent / version_name(step, 0)
+    print(f"demo: trained to loss {result.last_loss:.3f}; checkpoint {checkpoint}")
 
     # The forget set: a seeded draw among the sources, reproducible from the options.
     forget = sorted(torch.randperm(len(sources), generator=torch.Generator().manual_seed(options.seed + 1))[: options.forget].tolist())
     forget = [sources[i] for i in forget]
     retain = [s for s in sources if s not in set(forget)]
-    outcome = run_unlearn(checkpoint, [Request("index", str(s), "demo") for s in forget],
+    outcome = run_unlearn(final, [Request("index", str(s), "demo") for s in forget],
                           say=lambda line: print(f"unlearn: {line}"))
-    unlearned = outcome.written.path if outcome.written else checkpoint
+    unlearned = outcome.written.path if outcome.written else final
+    if outcome.written is None:  # already forgotten in an earlier run: its receipt is the newest one
+        last = read_sink_manifest(unlearned)["receipts"][-1]
+        outcome.receipt_path, outcome.receipt_sha256 = unlearned / last["name"], last["sha256"]
     verification = run_verify(unlearned, requests=[Request("index", str(s), "demo") for s in forget])
     print(f"unlearn: {format_verification(verification)}")
 
@@ -146,7 +155,7 @@ def run_demo(cfg: Config, prep_dir: Path, titles: dict[int, str], options: DemoO
         "rows": len(rows),
         "steps": cfg.train.steps,
         "epochs": options.epochs,
-        "final_train_loss": result.losses[-1],
+        "final_train_loss": result.last_loss,
         "checkpoint": str(checkpoint),
         "mlflow_run_id": result.run_id,
         "forgotten": [{"source": s, "title": titles.get(s, ""), "loss_before": before[s], "loss_after": after[s]} for s in forget],

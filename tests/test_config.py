@@ -67,3 +67,28 @@ def test_file_errors_name_the_file(tmp_path):
     typo.write_text("model:\n  num_layer: 3\n")
     with pytest.raises(ConfigError, match=f"^{typo}: model.num_layer: unknown field; did you mean model.num_layers"):
         load_config(typo)
+
+
+def test_duplicate_keys_and_empty_configs_are_refused_with_file_and_line(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    # Edited in two places: plain YAML would keep num_layers 8 without a word.
+    dup.write_text("model:\n  num_layers: 2\n  hidden_size: 64\n  num_layers: 8\n")
+    with pytest.raises(ConfigError, match=f"^{dup}:4: duplicate key 'num_layers' \\(first at line 2\\)"):
+        load_config(dup)
+    top = tmp_path / "top.yaml"
+    top.write_text("seed: 1\nmodel:\n  num_layers: 2\nseed: 2\n")
+    with pytest.raises(ConfigError, match=f"^{top}:4: duplicate key 'seed' \\(first at line 1\\)"):
+        load_config(top)
+    for name, text in (("empty.yaml", ""), ("comments.yaml", "# model:\n#   num_layers: 2\n"), ("braces.yaml", "{}\n")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"^{path}:1: the config is empty"):
+            load_config(path)
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        load_config(CONFIGS / "demo_cpu.yaml", ["model.num_layers={a: 1, a: 2}"])
+    # A merge key is not a duplicate: overriding merged values is what `<<` is for.
+    from nulls_megatron.config import read_yaml
+
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text("base: &b {x: 1, y: 2}\nderived:\n  <<: *b\n  y: 3\n")
+    assert read_yaml(anchors) == {"base": {"x": 1, "y": 2}, "derived": {"x": 1, "y": 3}}

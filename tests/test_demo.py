@@ -46,3 +46,12 @@ def test_demo_runs_prep_training_and_forgetting(tmp_path):
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'train' / 'mlflow.db'}").get_run(report["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["loss"] == pytest.approx(report["final_train_loss"])
     assert f"step {report['steps']}/{report['steps']} (100.0%)" in out.stdout
+    # A rerun reuses the finished stages and completes with the same figures.
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "reusing the finished prep" in again.stdout and "run already finished" in again.stdout
+    assert "already forgotten" in again.stdout
+    second = json.loads((tmp_path / "demo_report.json").read_text())
+    for key in ("forget_loss_before", "forget_loss_after_own_sinks_off", "retain_loss_after", "receipt_sha256",
+                "unlearned_checkpoint", "final_train_loss"):
+        assert second[key] == report[key], key

@@ -18,7 +18,7 @@ from typing import Iterator
 
 __all__ = [
     "atomic_dir", "atomic_file", "checkpoint_name", "checkpoint_step", "checkpoint_version", "clean_partial",
-    "fsync_dir", "list_checkpoints", "prune", "read_latest", "update_latest", "version_name", "LATEST",
+    "fsync_dir", "list_checkpoints", "prune", "read_latest", "roll_back", "update_latest", "version_name", "LATEST",
 ]
 
 LATEST = "latest"
@@ -127,6 +127,29 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def roll_back(root: str | os.PathLike, name: str, stamp: str) -> list[Path]:
+    """Make checkpoint ``name`` the latest: every newer checkpoint moves, never deleted, into
+    ``root/rolled-back-<stamp>/`` (so the next save cannot collide with one), then ``latest`` names it.
+    Returns the moved directories (their new paths)."""
+    root = Path(root)
+    target = root / name
+    order = [p for _, p in list_checkpoints(root)]
+    if target not in order:
+        raise FileNotFoundError(f"{target}: no such checkpoint (have: {', '.join(p.name for p in order) or 'none'})")
+    newer = order[order.index(target) + 1:]
+    moved = []
+    if newer:
+        aside = root / f"rolled-back-{stamp}"
+        aside.mkdir()
+        for path in newer:
+            os.replace(path, aside / path.name)
+            moved.append(aside / path.name)
+        fsync_dir(aside)
+        fsync_dir(root)
+    update_latest(root, name)
+    return moved
+
+
 def update_latest(root: str | os.PathLike, name: str) -> None:
     """Point ``root/latest`` at checkpoint ``name`` (which must already exist in ``root``)."""
     root = Path(root)
@@ -146,11 +169,15 @@ def read_latest(root: str | os.PathLike) -> Path | None:
     """
     path = Path(root) / LATEST
     try:
-        name = path.read_text().strip()
+        name = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
-    if not name or "/" in name:
-        raise ValueError(f"{path}: invalid checkpoint name {name!r}")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a checkpoint name (binary content); write the name of a checkpoint "
+                         f"of {root} into it, or resume with --resume-from STEP") from None
+    if not name or "/" in name or checkpoint_version(name) is None:
+        raise ValueError(f"{path}: invalid checkpoint name {name[:80]!r}; write the name of a checkpoint of {root} "
+                         "into it, or resume with --resume-from STEP")
     target = Path(root) / name
     if not target.is_dir():
         raise FileNotFoundError(f"{path} names {name!r}, but {target} does not exist")

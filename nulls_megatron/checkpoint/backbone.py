@@ -26,6 +26,8 @@ import json
 import os
 import pickle
 import queue
+import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -290,13 +292,39 @@ def _in_process_write_queue() -> Iterator[None]:
     ``queue.Queue`` serves; it is swapped in for the duration of one save only.
     """
     original = filesystem_async._get_write_results_queue
+    writer = filesystem_async.FileSystemWriterAsync
+    original_write = writer.__dict__["write_preloaded_data"]
     results: queue.Queue = queue.Queue()
     with _patch_lock:
         filesystem_async._get_write_results_queue = lambda: results
+        writer.write_preloaded_data = staticmethod(_dies_with_parent(original_write.__func__))
         try:
             yield
         finally:
             filesystem_async._get_write_results_queue = original
+            writer.write_preloaded_data = original_write
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_parent(write: Any) -> Any:
+    """Megatron forks one writer process per bucket; a trainer SIGKILLed mid-save would leave them
+    running (holding hundreds of MB, its ports and files) until their write ends, or forever when it
+    blocks on the results queue. On Linux each writer asks the kernel to SIGKILL it when its parent
+    dies (prctl PR_SET_PDEATHSIG), and exits at once if the parent is already gone."""
+    parent = os.getpid()
+
+    def write_then_report(*args: Any, **kwargs: Any) -> Any:
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died between fork and prctl
+                os._exit(1)
+        return write(*args, **kwargs)
+
+    return write_then_report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +413,7 @@ def save_backbone(
     with _in_process_write_queue():
         dist_checkpointing.save(state, str(out), sharded_strategy=strategy)
     if dist.get_rank() == 0:
+        _fix_save_id(out / _DCP_METADATA)
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -396,6 +425,21 @@ def save_backbone(
         with atomic_file(out / MANIFEST) as tmp:
             tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     dist.barrier()
+
+
+SAVE_ID = "nulls-backbone"
+
+
+def _fix_save_id(path: Path) -> None:
+    """torch DCP records a random uuid (``storage_meta.save_id``) in ``.metadata``: the same state saved
+    twice would differ in those bytes, and digests could not show that a resume reproduced a checkpoint.
+    Nothing reads the id back, so it is replaced by a constant (the file re-pickled as torch writes it)."""
+    metadata = _load_dcp_metadata(path)
+    if getattr(metadata, "storage_meta", None) is not None:
+        metadata.storage_meta.save_id = SAVE_ID
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            pickle.dump(metadata, f)
 
 
 def _parallel_layout() -> dict[str, int]:

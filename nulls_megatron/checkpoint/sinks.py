@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -63,10 +64,10 @@ class SourceState:
     - ``receipts``: ``{"name", "sha256", "action"}`` of every unlearning receipt applied so far.
     """
 
-    disabled_sources: list[int] = field(default_factory=list)
-    suppressed_sources: list[int] = field(default_factory=list)
+    disabled_sources: list[int] = dataclasses.field(default_factory=list)
+    suppressed_sources: list[int] = dataclasses.field(default_factory=list)
     sources_manifest: dict | None = None
-    receipts: list[dict] = field(default_factory=list)
+    receipts: list[dict] = dataclasses.field(default_factory=list)
 
     def off_sources(self) -> list[int]:
         """Every source whose sinks are off: erased or suppressed."""

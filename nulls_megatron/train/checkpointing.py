@@ -6,19 +6,22 @@
   step-000000200/
     backbone/                   # Megatron dist_checkpointing: weights + AdamW moments (checkpoint/backbone.py)
     sinks/                      # safetensors per layer and pool shard + manifest.json (checkpoint/sinks.py)
-    train_state.json            # step, optimizer steps, tokens, every data-parallel rank's loader cursor
+    train_state.json            # step, optimizer steps, tokens, last loss, every data-parallel rank's loader cursor
     config.yaml                 # the run's config, for `nulls train --config <ckpt>/config.yaml`
+    digests.json                # sha256 and size of every file above (checkpoint/digests.py), written last
 ```
 The whole directory is written under a temporary name by every rank together, then
 renamed by rank 0 once all ranks are done, and only then does ``latest`` move: a job
 killed at any moment leaves the previous checkpoint intact and named by ``latest``.
+Loading first checks every file against ``digests.json`` (each rank hashes a share), so a
+damaged checkpoint is refused before any tensor is read, naming the nearest older one that verifies.
 Nothing here unpickles: JSON, YAML, safetensors and dist_checkpointing's tensor files.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -26,7 +29,10 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state
 
-from ..checkpoint.atomic import atomic_dir, atomic_file, checkpoint_name, clean_partial, prune, read_latest, update_latest
+from ..checkpoint.atomic import (atomic_dir, atomic_file, checkpoint_name, clean_partial, list_checkpoints, prune,
+                                read_latest, roll_back, update_latest)
+from ..checkpoint.digests import (CheckpointCorruptError, checkpoint_files, hash_share, nearest_good, read_digests,
+                                  verify_share, write_digests)
 from ..checkpoint.json_files import read_versioned_json
 from ..checkpoint.backbone import load_backbone, save_backbone
 from ..checkpoint.sinks import (SourceState, load_sink_tables, read_sink_manifest, source_state, table_key,
@@ -75,7 +81,7 @@ def prepare_checkpoint_root(cfg: Config) -> Path:
 
 
 def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PrefetchLoader, tokens: int,
-                    sources: SourceState) -> Path:
+                    sources: SourceState, loss: float | None = None) -> Path:
     """Collective: every rank calls it after optimizer step ``step``. Returns the final directory."""
     root = checkpoint_root(cfg)
     final = root / checkpoint_name(step)
@@ -96,9 +102,16 @@ def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PrefetchLoad
         if dist.get_rank() == 0:
             write_sink_manifest(tmp, [p for p in parts if p is not None], sources)
             with atomic_file(tmp / TRAIN_STATE) as f:
-                f.write_text(json.dumps(_train_state(cfg, step, engine, tokens, loader_states), indent=1) + "\n")
+                f.write_text(json.dumps(_train_state(cfg, step, engine, tokens, loader_states, loss), indent=1) + "\n")
             with atomic_file(tmp / "config.yaml") as f:
                 f.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        # Every file is on disk (the backbone's too): hash them, each rank a share, and record the digests last.
+        dist.barrier()
+        names = _broadcast_from_zero(checkpoint_files(tmp) if dist.get_rank() == 0 else None)
+        shares: list[dict | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, hash_share(tmp, names, dist.get_rank(), dist.get_world_size()))
+        if dist.get_rank() == 0:
+            write_digests(tmp, {k: v for share in shares for k, v in share.items()})
 
     if dist.get_rank() == 0:
         with atomic_dir(final) as tmp:
@@ -115,7 +128,8 @@ def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PrefetchLoad
     return final
 
 
-def _train_state(cfg: Config, step: int, engine: Engine, tokens: int, loader_states: list[dict]) -> dict:
+def _train_state(cfg: Config, step: int, engine: Engine, tokens: int, loader_states: list[dict],
+                 loss: float | None = None) -> dict:
     loaders: dict[int, dict] = {}
     for item in loader_states:
         rank, state = item["dp_rank"], item["state"]
@@ -128,6 +142,7 @@ def _train_state(cfg: Config, step: int, engine: Engine, tokens: int, loader_sta
         "step": step,
         "optimizer_steps": engine.optimizer_steps(),
         "tokens": tokens,
+        "loss": loss,
         "engine": cfg.train.engine.value,
         "parallel": {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
                      "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
@@ -145,9 +160,90 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     return read_latest(checkpoint_root(cfg))
 
 
+def resume_point(cfg: Config, resume_from: str | None = None) -> Path | None:
+    """Collective: the checkpoint this run resumes from (None: a fresh run).
+
+    ``resume_from`` (a step, or a checkpoint name) is the sanctioned roll back: newer checkpoints
+    move aside into ``rolled-back-<time>/`` (never deleted) and ``latest`` names the target. A
+    root with checkpoints but no ``latest`` is refused rather than silently restarted from step 0,
+    and so is a roll back past an unlearning (the older weights still hold the forgotten rows).
+    """
+    root = checkpoint_root(cfg)
+    error, chosen = None, None
+    if dist.get_rank() == 0:
+        try:
+            chosen = _resume_point(root, resume_from)
+        except (ValueError, FileNotFoundError) as e:
+            error = str(e)
+    error, chosen = _broadcast_from_zero((error, str(chosen) if chosen else None))
+    if error:
+        raise CheckpointCorruptError(error) if "damaged" in error else ValueError(error)
+    return Path(chosen) if chosen else None
+
+
+def _resume_point(root: Path, resume_from: str | None) -> Path | None:
+    found = list_checkpoints(root)
+    if resume_from:
+        names = [p.name for _, p in found]
+        if resume_from.isdigit():
+            versions = [p.name for step, p in found if step == int(resume_from)]
+            if not versions:
+                raise FileNotFoundError(f"--resume-from {resume_from}: no checkpoint of step {resume_from} in {root} "
+                                        f"(have: {', '.join(names) or 'none'})")
+            name = versions[-1]  # the newest version of the step: an unlearned one if there is one
+        else:
+            name = Path(resume_from).name
+        latest = read_latest(root) if (root / "latest").exists() else None
+        if latest is not None and (root / name).is_dir():
+            lost = set(source_state(read_sink_manifest(latest)).disabled_sources) - set(
+                source_state(read_sink_manifest(root / name)).disabled_sources)
+            if lost:
+                raise ValueError(f"--resume-from {name}: it predates the unlearning of {len(lost)} source(s) "
+                                 f"{sorted(lost)[:5]} that {latest.name} has erased; its weights still hold them. "
+                                 f"Unlearn them there first: nulls unlearn {root / name} --source-index ...")
+        moved = roll_back(root, name, datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+        for path in moved:
+            logger.warning("rolled back: moved %s aside to %s", path.name, path.parent)
+        print(f"rolled back to {name}" + (f"; {len(moved)} newer checkpoint(s) moved to {moved[0].parent}" if moved else ""),
+              flush=True)
+        return root / name
+    latest = read_latest(root)
+    if latest is None and found:
+        raise ValueError(f"{root}: holds {len(found)} checkpoint(s) ({found[0][1].name} .. {found[-1][1].name}) but no "
+                         f"'latest' pointer; resume one with --resume-from STEP (e.g. --resume-from {found[-1][0]}), "
+                         "or use another train.run_dir to start afresh")
+    return latest
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Collective: every file of ``path`` against its digest, each rank a share; raises
+    :class:`CheckpointCorruptError` on every rank naming the files and the nearest older checkpoint
+    that verifies. A checkpoint saved before digests were recorded is loaded with a warning."""
+    if read_digests(path) is None:
+        if dist.get_rank() == 0:
+            logger.warning("%s has no digests.json (saved by an earlier version): its files cannot be verified", path)
+        return
+    problems: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, verify_share(path, dist.get_rank(), dist.get_world_size()))
+    found = [p for share in problems for p in share]
+    if not found:
+        return
+    hint = None
+    if dist.get_rank() == 0:
+        older = [p for _, p in reversed(list_checkpoints(path.parent)) if p.resolve() != path.resolve()]
+        good = nearest_good(older)
+        hint = (f"the nearest checkpoint that verifies is {good.name}: resume from it with "
+                f"`nulls train ... --resume-from {good.name}`" if good else "no other checkpoint of the run verifies")
+    hint = _broadcast_from_zero(hint)
+    listing = "\n  ".join(found[:10]) + (f"\n  ... and {len(found) - 10} more" if len(found) > 10 else "")
+    raise CheckpointCorruptError(f"{path} is damaged; nothing was loaded:\n  {listing}\n{hint}")
+
+
 def load_checkpoint(path: Path, engine: Engine, loader: PrefetchLoader) -> tuple[dict, SourceState]:
     """Collective: restore weights, moments, optimizer steps and this rank's loader position from
-    ``path``. Returns (train state, the sink manifest's source state: forgotten sources, provenance)."""
+    ``path`` after checking every file's digest. Returns (train state, the sink manifest's source
+    state: forgotten sources, provenance)."""
+    verify_checkpoint(path)
     state = read_train_state(path)
     module = engine.module
     dp_world = parallel_state.get_data_parallel_world_size()

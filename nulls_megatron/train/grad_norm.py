@@ -43,3 +43,15 @@ def clip_by_global_norm(grads: Sequence[torch.Tensor | None], norm: float, max_n
         if grad is not None:
             grad.mul_(factor)
     return factor
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient: training stops before the optimizer step, the save and the prune."""
+
+
+def first_non_finite(named_grads: Sequence[tuple[str, torch.Tensor | None]]) -> str | None:
+    """The name of the first parameter (in model order) whose gradient holds a NaN or an Inf."""
+    for name, grad in named_grads:
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            return name
+    return None

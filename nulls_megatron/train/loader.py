@@ -90,6 +90,30 @@ def read_shard_index(prep_dir: str | Path) -> ShardIndex:
                       sum(e.documents for e in entries), sum(e.tokens for e in entries))
 
 
+def check_shard_files(index: ShardIndex) -> None:
+    """Every shard of ``index`` exists and has the size the index says; else a LoaderError naming each
+    bad file with the expected and the actual size.
+
+    Run when the loader yields its first batch (step 0), so a truncated or missing later shard stops the
+    run before it trains, not when the stream reaches that shard hundreds of steps in. One stat per
+    shard: free at any corpus size. The sha256 is not computed here: it means reading every byte (tens
+    of GB, minutes before step 0); ``verify`` still checks it when a shard is first opened, and a shard
+    with the right size but other bytes (bit rot, a same-size replacement) is caught there."""
+    problems: list[str] = []
+    for entry in index.shards:
+        try:
+            size = entry.path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{entry.path}: shard listed in {index.path} is missing")
+            continue
+        if size != entry.bytes:
+            why = "truncated: a partial copy or an interrupted write?" if size < entry.bytes else "larger than written: replaced?"
+            problems.append(f"{entry.path}: {size} bytes on disk, {index.path} says {entry.bytes} ({why})")
+    if problems:
+        head = [] if len(problems) == 1 else [f"{len(problems)} of {len(index.shards)} shards do not match {index.path}:"]
+        raise LoaderError("\n".join(head + problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])))
+
+
 def _octal(field: bytes, path: Path, at: int) -> int:
     try:
         return int(field.strip(b" \0") or b"0", 8)
@@ -268,6 +292,9 @@ class PackedLoader:
 
     # -- packing -------------------------------------------------------------------------------
     def _batches(self) -> Iterator[PackedRows]:
+        # At the first batch (step 0), before any shard is read, rather than in __init__: data errors reach
+        # the trainer from iteration like every other shard error (through PrefetchLoader's thread too).
+        check_shard_files(self.index)
         epoch, pos, offset = self._cursor
         # (stream start, epoch, position, first token, documents and tokens skipped before it) per fed document
         fed: deque[tuple[int, int, int, int, int, int]] = deque()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -29,8 +30,9 @@ from ..config import Config, ConfigError, Engine as EngineName
 from ..model.gpt import build_nulls_gpt
 from ..model.parallel import init_model_parallel
 from ..sinks.assignment import assignment_from_config
-from .checkpointing import latest_checkpoint, load_checkpoint, prepare_checkpoint_root, save_checkpoint
+from .checkpointing import load_checkpoint, prepare_checkpoint_root, read_train_state, resume_point, save_checkpoint
 from .engines.base import Engine
+from .grad_norm import NonFiniteError
 from .loader import PackedLoader
 from .prefetch import PrefetchLoader
 from .lr_schedule import learning_rate
@@ -90,6 +92,7 @@ class TrainResult:
     run_id: str | None = None
     checkpoint: str | None = None
     stopped_by: str | None = None  # a signal name or the STOP file, when stopped before train.steps
+    last_loss: float | None = None  # the last step's loss (also of a run that was already finished)
 
 
 def _set_cpu_threads() -> None:
@@ -158,9 +161,28 @@ def _artifacts(cfg: Config, config_path: str | None) -> list[Path]:
     return [p for p in candidates if p.is_file() and p.stat().st_size <= MAX_ARTIFACT_BYTES]
 
 
-def train(cfg: Config, config_path: str | None = None, stop_after: int | None = None) -> TrainResult:
+def _check_finite(step: int, loss: float, grad_norm: float) -> None:
+    # Every rank holds the same (pipeline-reduced) loss and global norm, so all ranks stop together.
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteError(f"step {step}: loss {loss}, gradient norm {grad_norm} (rank {dist.get_rank()}); stopped "
+                             "before saving: the checkpoints on disk are the last good state")
+
+
+def _finished(resumed: Path, total: int, rank: int) -> TrainResult:
+    state = read_train_state(resumed)
+    loss = state.get("loss")
+    if rank == 0:
+        print(f"run already finished: step {state['step']} of {total}, checkpoint {resumed}"
+              + (f", last loss {loss:.4f}" if loss is not None else "") + " (raise train.steps to train further)", flush=True)
+    return TrainResult(steps_run=0, final_step=int(state["step"]), losses=[], resumed_from=str(resumed),
+                       checkpoint=str(resumed), last_loss=loss)
+
+
+def train(cfg: Config, config_path: str | None = None, stop_after: int | None = None,
+          resume_from: str | None = None) -> TrainResult:
     """Train (or resume) the run in ``cfg.train.run_dir``. ``stop_after`` ends this process after
-    that many steps with a checkpoint, as a preempted job would (used by the resume tests)."""
+    that many steps with a checkpoint, as a preempted job would (used by the resume tests);
+    ``resume_from`` (a step or checkpoint name) rolls the run back to that checkpoint first."""
     if not cfg.train.data:
         raise ConfigError(f"{config_path or 'config'}: train.data: set it to the output directory of `nulls prep`")
     _set_cpu_threads()
@@ -172,7 +194,9 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
     # saves is cleaned. Its forgotten sources (erased or suppressed) are known before the loader
     # exists: training after unlearning must not feed their documents again, and the prefetch thread
     # must not pack one even a batch ahead.
-    resumed = latest_checkpoint(cfg)
+    resumed = resume_point(cfg, resume_from)
+    if resumed is not None and int(read_train_state(resumed)["step"]) >= cfg.train.steps:
+        return _finished(resumed, cfg.train.steps, rank)
     off = source_state(read_sink_manifest(resumed)).off_sources() if resumed is not None else []
     loader = PrefetchLoader(PackedLoader(
         cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows, vocab_size=cfg.model.vocab_size,
@@ -219,8 +243,9 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
             tokens += step_tokens
             window_tokens += step_tokens
             loss = _pipeline_loss(loss)
-            result.losses.append(loss)
             done = step + 1
+            _check_finite(done, loss, grad_norm)
+            result.losses.append(loss)
             if done % t.log_every == 0 or done == end:
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_start, 1e-9)
@@ -235,7 +260,7 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
             stopping = done < end and stop.agreed()
             if (t.save_every and done % t.save_every == 0) or done == end or stopping:
                 saving = time.perf_counter()
-                result.checkpoint = str(save_checkpoint(cfg, done, engine, loader, tokens, sources))
+                result.checkpoint = str(save_checkpoint(cfg, done, engine, loader, tokens, sources, loss))
                 if rank == 0:
                     print(f"checkpoint {result.checkpoint} ({time.perf_counter() - saving:.1f}s)", flush=True)
                 window_start += time.perf_counter() - saving  # tokens/s measures training, not saving
@@ -248,6 +273,7 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
         else:
             step = end - 1
         result.final_step = max(step + 1, start)
+        result.last_loss = result.losses[-1] if result.losses else None
         result.steps_run = result.final_step - start
         if result.checkpoint:  # the provenance of the weights this run ends with
             last = Path(result.checkpoint)

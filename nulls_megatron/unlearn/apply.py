@@ -26,7 +26,8 @@ from typing import Callable
 
 import numpy as np
 from ..checkpoint.atomic import atomic_dir, checkpoint_version, clean_partial, read_latest, update_latest
-from ..checkpoint.sinks import (OPTIM_PREFIX, SINKS_DIR, SinkCheckpointError, SourceState, shard_file_name,
+from ..checkpoint.digests import DIGESTS, checkpoint_files, read_digests, sha256_of, write_digests
+from ..checkpoint.sinks import (MANIFEST, OPTIM_PREFIX, SINKS_DIR, SinkCheckpointError, SourceState, shard_file_name,
                                 write_sink_manifest)
 from .checkpoint_view import RECEIPTS_DIR, CheckpointView, open_checkpoint
 from .collateral import rows_of
@@ -135,7 +136,7 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
     changes = changed_rows(view, action, sources)
     result = WriteResult(final, {}, {})
     with atomic_dir(final) as tmp:
-        _link_tree(view.path, tmp, {SINKS_DIR}, result)
+        _link_tree(view.path, tmp, {SINKS_DIR, DIGESTS}, result)
         (tmp / SINKS_DIR).mkdir()
         digests = view.file_digests()
         jobs = []
@@ -186,6 +187,7 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
         part = {"common": {"assignment": m["assignment"], "hidden_size": m["hidden_size"], "dtype": m["dtype"]},
                 "layers": view.layers, "optimizer_tensors": m.get("optimizer_tensors", []), "files": digests}
         write_sink_manifest(tmp, [part], state)
+        _write_digests(view, tmp, {f"{SINKS_DIR}/{MANIFEST}", entry["name"], *result.files})
         event("written", tmp)
     event("renamed", final)
     if out is None and view.is_latest():
@@ -193,6 +195,16 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
         result.latest_updated = True
         event("latest", final)
     return result
+
+
+def _write_digests(view: CheckpointView, tmp: Path, changed: set[str]) -> None:
+    """``digests.json`` of the new version: the old digests of every linked (unchanged) file, fresh ones
+    of the files this run wrote (a checkpoint saved before digests existed gets all of them fresh)."""
+    old = read_digests(view.path) or {}
+    digests = {}
+    for name in checkpoint_files(tmp):
+        digests[name] = old[name] if name in old and name not in changed else vars(sha256_of(tmp / name))
+    write_digests(tmp, digests)
 
 
 def finish_interrupted(root: Path) -> Path | None:

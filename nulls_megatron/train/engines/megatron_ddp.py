@@ -12,9 +12,12 @@ moments); on CPU everything is fp32.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -24,7 +27,7 @@ from megatron.core.transformer.module import Float16Module
 
 from ...config import Config
 from ...model.cpu_compat import pipeline_schedule_compat
-from ..grad_norm import clip_by_global_norm, global_grad_norm
+from ..grad_norm import NonFiniteError, clip_by_global_norm, first_non_finite, global_grad_norm
 from ..step import forward_backward
 from ..packing import PackedRows
 from .base import OPTIMIZER_MOMENTS, Engine
@@ -92,9 +95,15 @@ class MegatronDDPEngine(Engine):
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = forward_backward(self.ddp, micro_batches)
-        params = [p for p in self.module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         grads = [p.main_grad for p in params]
         norm = global_grad_norm(params, grads)
+        if not math.isfinite(norm):
+            # Before the optimizer step: the weights stay as they were, and nothing is saved.
+            bad = first_non_finite([(n, p.main_grad) for n, p in named])
+            raise NonFiniteError(f"optimizer step {self._steps + 1}: gradient norm {norm} on rank {dist.get_rank()}; "
+                                 f"first non-finite gradient: {bad or 'on another rank'}")
         if self.cfg.optimizer.clip_grad > 0:
             clip_by_global_norm(grads, norm, self.cfg.optimizer.clip_grad)
         for group in self.optimizer.param_groups:
