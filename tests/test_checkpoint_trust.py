@@ -77,6 +77,9 @@ def trust_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     c = fresh("no_latest")
     (c / "latest").unlink()
     out["no_latest"] = _attempt(train, _cfg(data, str(c.parent)))[0]
+    c = fresh("older_latest")  # the natural fix by hand: point `latest` at an older checkpoint
+    (c / "latest").write_text("step-000000003\n")
+    out["older_latest"] = _attempt(train, _cfg(data, str(c.parent), steps=9))[0]
     c = fresh("garbage_latest")
     (c / "latest").write_bytes(b"\xff\xfe\x00garbage")
     out["garbage_latest"] = _attempt(train, _cfg(data, str(c.parent)))[0]
@@ -141,6 +144,8 @@ def test_roll_back_moves_newer_checkpoints_aside_and_resumes_bit_exactly(trust):
 def test_missing_or_garbled_latest_is_refused(trust):
     assert "no 'latest' pointer" in trust["no_latest"] and "--resume-from 6" in trust["no_latest"]
     assert "latest: not a checkpoint name" in trust["garbage_latest"]
+    assert "newer checkpoints exist (step-000000006)" in trust["older_latest"]
+    assert "--resume-from step-000000003" in trust["older_latest"]
 
 
 def test_finished_run_says_so(trust):

@@ -212,6 +212,13 @@ def _resume_point(root: Path, resume_from: str | None) -> Path | None:
         raise ValueError(f"{root}: holds {len(found)} checkpoint(s) ({found[0][1].name} .. {found[-1][1].name}) but no "
                          f"'latest' pointer; resume one with --resume-from STEP (e.g. --resume-from {found[-1][0]}), "
                          "or use another train.run_dir to start afresh")
+    order = [p for _, p in found]
+    newer = [p.name for p in order[order.index(latest) + 1:]] if latest in order else []
+    if newer:
+        # `latest` edited by hand to an older checkpoint: resuming would die at the first save (its
+        # step exists) after the compute is spent, so the sanctioned roll back is asked for instead.
+        raise ValueError(f"{root / 'latest'} names {latest.name}, but newer checkpoints exist ({', '.join(newer)}); "
+                         f"to roll back, run with --resume-from {latest.name} (newer ones move aside, never deleted)")
     return latest
 
 
