@@ -116,7 +116,23 @@ def trust_worker(rank: int, world_size: int, data: str, root: str) -> dict:
 def trust(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("trust")
     data = write_prep_dir(base / "data")
-    return run_local(trust_worker, 1, str(data), str(base / "runs"), timeout=600)[0]
+    out = run_local(trust_worker, 1, str(data), str(base / "runs"), timeout=600)[0]
+    return {**out, "root": base / "runs"}
+
+
+def test_checkpoint_list_and_verify_commands(trust, capsys):
+    from nulls_megatron.cli import main
+
+    assert main(["checkpoint", "list", str(trust["root"] / "base")]) == 0
+    listing = capsys.readouterr().out
+    assert "step-000000003" in listing and "verified" in listing and "<- latest" in listing
+    damaged = trust["root"] / "bitflip" / "checkpoints"
+    assert main(["checkpoint", "list", str(damaged)]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+    assert main(["checkpoint", "verify", str(damaged / "step-000000006")]) == 1
+    assert "__0_0.distcp: sha256" in capsys.readouterr().out
+    assert main(["checkpoint", "verify", str(damaged / "step-000000003")]) == 0
+    assert "OK" in capsys.readouterr().out
 
 
 def test_same_state_saved_twice_gives_the_same_bytes(trust):
