@@ -169,8 +169,11 @@ def test_resolver_ambiguous_titles(tmp_path):
 def test_suppress_restore_and_erase_after_suppress(trained_run, tmp_path, capsys):
     run = trained_run.copy_to(tmp_path)
     old = run.checkpoint
+    (old / "routing").mkdir()  # a routing index (its content does not matter here)
+    (old / "routing" / "index.json").write_text("{}")
     assert main(["unlearn", str(run.run_dir), "--source-index", "8", "--suppress"]) == 0
     v1 = read_latest(run.root)
+    assert (v1 / "routing" / "index.json").is_file()  # a suppression keeps the index
     receipt = json.loads((v1 / read_sink_manifest(v1)["receipts"][0]["name"]).read_text())
     assert not receipt["weights_erased"] and "weights were NOT erased" in receipt["statement"]
     rows = _rows(v1, [8])[0]
@@ -182,8 +185,11 @@ def test_suppress_restore_and_erase_after_suppress(trained_run, tmp_path, capsys
     v2 = read_latest(run.root)
     assert not _table(v2, 0)["disabled"].any() and read_sink_manifest(v2)["suppressed_sources"] == []
     assert main(["unlearn", str(run.run_dir), "--source-index", "8", "--suppress"]) == 0
+    capsys.readouterr()
     assert main(["unlearn", str(run.run_dir), "--source-index", "8"]) == 0  # erase a suppressed source
     v4 = read_latest(run.root)
+    # The index embeds every source's title or opening text: an erasure does not ship it on.
+    assert not (v4 / "routing").exists() and "routing index (routing/) was not carried over" in capsys.readouterr().out
     m = read_sink_manifest(v4)
     assert m["disabled_sources"] == [8] and m["suppressed_sources"] == [] and _table(v4, 1)["weight"][rows].abs().sum() == 0
     assert main(["unlearn", str(run.run_dir), "--source-index", "8", "--restore"]) == 2

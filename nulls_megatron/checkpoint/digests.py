@@ -21,6 +21,10 @@ from typing import Callable, Iterable
 from .atomic import atomic_file
 
 DIGESTS = "digests.json"
+# Derived data a checkpoint may hold beside what training wrote, each with its own integrity record:
+# the nearest-source routing index (`nulls route-index`, built later, rebuilt at will; routing/index.json
+# holds its embeddings' sha256). Listed here so that adding it never makes the checkpoint "damaged".
+DERIVED_DIRS = ("routing",)
 FORMAT = "nulls-checkpoint-digests"
 FORMAT_VERSION = 1
 _BLOCK = 1 << 24
@@ -46,9 +50,11 @@ def sha256_of(path: Path) -> FileDigest:
 
 
 def checkpoint_files(root: Path) -> list[str]:
-    """Relative paths of every file under ``root`` except the digest file, sorted."""
+    """Relative paths of every file under ``root`` except the digest file and derived data, sorted."""
     out = []
-    for dirpath, _, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == Path(root):
+            dirnames[:] = [d for d in dirnames if d not in DERIVED_DIRS]
         for name in filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
             if rel != DIGESTS:

@@ -35,6 +35,7 @@ from .st_layout import tensor_spans
 
 ACTIONS = ("erase", "suppress", "restore")
 _WRITERS = 2
+ROUTING_DIR = "routing"  # nulls_megatron.routing's index folder (not imported: unlearning needs no embedder)
 _TMP_RE = re.compile(r"^\..+\.tmp-\d+$")  # checkpoint.atomic's temp names
 Event = Callable[[str, Path], None]
 
@@ -136,7 +137,14 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
     changes = changed_rows(view, action, sources)
     result = WriteResult(final, {}, {})
     with atomic_dir(final) as tmp:
-        _link_tree(view.path, tmp, {SINKS_DIR, DIGESTS}, result)
+        # The routing index embeds every source's title (or opening text): an erased source's row must not
+        # ship in the new version, so an erasure leaves the index behind (`nulls route-index` rebuilds it,
+        # with erased sources' rows zero); a suppression keeps it.
+        skip = {SINKS_DIR, DIGESTS} | ({ROUTING_DIR} if action == "erase" else set())
+        if action == "erase" and (view.path / ROUTING_DIR).is_dir():
+            result.notes.append(f"the routing index ({ROUTING_DIR}/) was not carried over: it embeds the erased "
+                                f"sources' text; rebuild it with `nulls route-index {final}`")
+        _link_tree(view.path, tmp, skip, result)
         (tmp / SINKS_DIR).mkdir()
         digests = view.file_digests()
         jobs = []
