@@ -3,6 +3,7 @@ multi-process launcher for tests and CPU demos (``launch.local``)."""
 
 from launch.env import (
     DistEnv,
+    compute_device,
     distributed_backend,
     find_free_port,
     init_distributed_from_env,
@@ -13,6 +14,7 @@ from launch.local import RankFailedError, run_local
 __all__ = [
     "DistEnv",
     "RankFailedError",
+    "compute_device",
     "distributed_backend",
     "find_free_port",
     "init_distributed_from_env",

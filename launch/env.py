@@ -24,9 +24,26 @@ import torch.distributed as dist
 DEFAULT_MASTER_PORT = 29500
 
 
-def distributed_backend() -> str:
-    """``"nccl"`` when CUDA is available, else ``"gloo"``."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def distributed_backend(cuda: Optional[bool] = None) -> str:
+    """The process group backend: ``"cpu:gloo,cuda:nccl"`` on a CUDA machine, ``"gloo"`` without CUDA.
+
+    One group, two backends: collectives on CUDA tensors (gradients, pipeline activations, Megatron's
+    own) go through NCCL, and the trainer's control-plane scalars, which live on the CPU (the stop
+    agreement, the pipeline loss, global token counts, the grad norm's sum, sink statistics, gathered
+    objects), go through gloo. A plain ``nccl`` group has no CPU path and fails at the first of them.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def compute_device(cuda: Optional[bool] = None) -> torch.device:
+    """Where this process's model and batches live: its CUDA device (set from ``LOCAL_RANK`` by
+    :func:`init_distributed_from_env`), else the CPU. The one place that decides it."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+DEFAULT_TIMEOUT = timedelta(minutes=60)  # NCCL's 10-minute default is shorter than a 1B checkpoint's finalize
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -110,7 +127,8 @@ def init_distributed_from_env(
     """Initialise ``torch.distributed`` from torchrun/SLURM variables.
 
     Uses :func:`distributed_backend` unless ``backend`` is given, and on GPU
-    selects the CUDA device ``LOCAL_RANK`` first.  Exports the resolved
+    selects the CUDA device ``LOCAL_RANK`` first. ``timeout`` (default 60 minutes) bounds every
+    collective: a rank that hangs fails the job after it instead of holding the allocation.  Exports the resolved
     ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` so
     that libraries reading them see the same values.  Does nothing if a
     default process group already exists (returns the detected environment).
@@ -128,12 +146,11 @@ def init_distributed_from_env(
         MASTER_ADDR=info.master_addr,
         MASTER_PORT=str(info.master_port),
     )
-    kwargs = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{info.master_addr}:{info.master_port}",
         rank=info.rank,
         world_size=info.world_size,
-        **kwargs,
+        timeout=timeout or DEFAULT_TIMEOUT,
     )
     return info

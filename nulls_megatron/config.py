@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or inconsistent."""
 
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "masked")
+
+
 @dataclass
 class ModelConfig:
     """The LLaMA-style decoder (METHOD.md section 1)."""
@@ -38,6 +41,9 @@ class ModelConfig:
     init_std: float = 0.02
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = True
+    # auto (flex on CUDA, sdpa on CPU) | sdpa | flex | masked (Megatron's unfused masked softmax,
+    # the reference): how packed rows get block-diagonal causal attention (docs/model.md)
+    attention_backend: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -68,6 +74,7 @@ class NullsConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    timeout_minutes: int = 60  # every collective; NCCL's 10-minute default is shorter than a 1B checkpoint's save
 
 
 class Engine(str, enum.Enum):
@@ -199,6 +206,9 @@ def _validate(cfg: Config, origin: str) -> None:
             "nulls.sinks_per_source",
             f"{n.sinks_per_source} exceeds the shard size n_pool / pool_shards = {shard}",
         )
+    if m.attention_backend not in ATTENTION_BACKENDS:
+        _fail(origin, "model.attention_backend",
+              f"expected one of {', '.join(ATTENTION_BACKENDS)}, got {m.attention_backend!r}")
     if m.num_attention_heads % m.num_query_groups:
         _fail(origin, "model.num_query_groups", f"{m.num_query_groups} does not divide model.num_attention_heads ({m.num_attention_heads})")
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:

@@ -18,8 +18,12 @@
 # configs/wiki_1b_paper.yaml), OVERRIDES (space-separated dotted.key=value
 # items, each passed as --set; values cannot contain spaces), RUN_DIR (when
 # set: --set train.run_dir=$RUN_DIR; keep it the same for every submission of
-# one run), NPROC_PER_NODE (default: GPUs on the node, else 1), MASTER_PORT
-# (default 15000 + job id mod 20000), NCCL_* / TORCH_NCCL_* (see below).
+# one run; unset, a config whose run_dir is relative (inside the checkout)
+# runs under $SCRATCH/nulls-runs/ when $SCRATCH is set, and is refused
+# otherwise), NPROC_PER_NODE (default: GPUs on the node, else 1), MASTER_PORT
+# (default 15000 + job id mod 20000), SRUN_ARGS (extra srun options, e.g. a
+# pyxis container: SRUN_ARGS="--container-image=IMAGE --container-mounts=/shared:/shared"),
+# NCCL_* / TORCH_NCCL_* (see below).
 # Outputs (run_dir) must be on a file system every node shares.
 #SBATCH --job-name=nulls-pretrain-6m
 #SBATCH --nodes=8
@@ -49,6 +53,7 @@ done
 if [[ -n "${RUN_DIR:-}" ]]; then
     TRAIN_ARGS+=(--set "train.run_dir=$RUN_DIR")
 fi
+read -r -a srun_extra <<< "${SRUN_ARGS:-}"
 
 # NCCL (ignored by gloo/CPU runs). Async error handling turns a hung collective
 # into an error after the process group timeout, so --kill-on-bad-exit ends the
@@ -70,6 +75,7 @@ echo "job $SLURM_JOB_ID (start $((${SLURM_RESTART_COUNT:-0} + 1))): $NNODES node
 RUN_DIR_RESOLVED=$("$PYTHON" - "${TRAIN_ARGS[@]}" <<'PY'
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +94,14 @@ t = cfg.train
 if not (Path(t.data) / SHARD_INDEX_NAME).is_file():
     sys.exit(f"pretrain_6m.sh: train.data={t.data!r} has no {SHARD_INDEX_NAME}: set it to the output "
              "directory of `nulls prep` (OVERRIDES=train.data=...)")
+if not Path(t.run_dir).is_absolute() and not os.environ.get("RUN_DIR"):
+    # A relative run dir would sit inside the checkout (the submit directory): not where checkpoints
+    # of a cluster run belong, and not shared between nodes everywhere.
+    scratch = os.environ.get("SCRATCH")
+    if not scratch:
+        sys.exit(f"pretrain_6m.sh: train.run_dir={t.run_dir!r} is inside the checkout; set RUN_DIR to a directory "
+                 "on a shared file system (or $SCRATCH, under which runs then go)")
+    t.run_dir = str(Path(scratch) / "nulls-runs" / Path(t.run_dir).name)
 run_dir = Path(t.run_dir).resolve()
 latest = run_dir / "checkpoints" / "latest"
 where = f"resuming from {latest.read_text().strip()}" if latest.is_file() else "no checkpoint yet: starting at step 0"
@@ -97,6 +111,8 @@ print(f"config {args.config}: data {Path(t.data).resolve()}, run_dir {run_dir}, 
 print(run_dir)
 PY
 )
+# Every rank trains in the run dir resolved above (absolute: $SCRATCH/... when the config's was relative).
+TRAIN_ARGS+=(--set "train.run_dir=$RUN_DIR_RESOLVED")
 
 # Near the time limit SLURM sends USR1 to this shell (--signal=B:USR1@300). The
 # trap asks the trainer to stop through <run_dir>/STOP (every rank checks after
@@ -116,7 +132,8 @@ trap request_stop USR1
 # One task per node with all of the task's CPUs (srun does not inherit
 # --cpus-per-task since SLURM 22.05); SLURM_NODEID is expanded inside each task
 # (single quotes) and the trainer's arguments arrive as "$@".
-srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 bash -c '
+srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 \
+    "${srun_extra[@]}" bash -c '
     exec "$PYTHON" -m torch.distributed.run \
         --nnodes "$NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node "$NPROC_PER_NODE" \
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts 0 \

@@ -1,7 +1,10 @@
 #!/bin/bash
 # Smoke test of the SLURM -> torchrun launch pattern (docs/slurm.md): one
 # torchrun per node, NPROC_PER_NODE workers each, static rendezvous on the
-# first node; every rank all-reduces and rank 0 writes $SLURM_SMOKE_RESULT.
+# first node; every rank runs the real trainer for 3 steps on tiny synthetic
+# data and resumes it for a 4th (nulls_megatron/train/smoke.py: the trainer's
+# own process group, devices and collectives), and rank 0 writes
+# $SLURM_SMOKE_RESULT.
 #
 #   sbatch slurm/torchrun_smoke.sh                        # 2 nodes, GPUs/NCCL
 #   sbatch --nodes=1 --cpus-per-task=2 --export=ALL,NPROC_PER_NODE=2 \
@@ -10,7 +13,9 @@
 # Environment (all optional): PYTHON (interpreter with torch and this repo's
 # requirements; default python3), REPO_DIR (this repository; default the
 # submit directory), NPROC_PER_NODE (default: GPUs on the node, else 1),
-# SLURM_SMOKE_RESULT (default: slurm-smoke-<jobid>.json in REPO_DIR).
+# SLURM_SMOKE_RESULT (default: slurm-smoke-<jobid>.json in REPO_DIR; its
+# work files go beside it), SRUN_ARGS (extra srun options, e.g. a container:
+# SRUN_ARGS="--container-image=nvcr.io#nvidia/pytorch:25.01-py3 --container-mounts=/shared:/shared").
 #SBATCH --job-name=torchrun-smoke
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -31,9 +36,11 @@ eval "$("$PYTHON" -m launch.slurm env)"
 echo "job $SLURM_JOB_ID: $NNODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT"
 
 # One task per node; SLURM_NODEID is expanded inside each task (single quotes).
-srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+read -r -a srun_extra <<< "${SRUN_ARGS:-}"
+srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 \
+    "${srun_extra[@]}" bash -c '
     exec "$PYTHON" -m torch.distributed.run \
         --nnodes "$NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node "$NPROC_PER_NODE" \
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts 0 \
-        -m launch.slurm_smoke'
+        -m nulls_megatron.train.smoke'
 echo "job $SLURM_JOB_ID: result in $SLURM_SMOKE_RESULT"

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # children inherit sys.path from the parent
     sys.path.insert(0, ROOT)
 
-from launch.env import distributed_backend, find_free_port, first_slurm_host, read_dist_env  # noqa: E402
+from launch.env import compute_device, distributed_backend, find_free_port, first_slurm_host, read_dist_env  # noqa: E402
 from launch.local import RankFailedError, run_local  # noqa: E402
 from tests.nulls_gpt_helpers import gather_full  # noqa: E402
 
@@ -278,7 +278,10 @@ def test_apply_cpu_compat_is_noop_with_cuda(monkeypatch):
 
 
 def test_env_detection(monkeypatch):
-    assert distributed_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert distributed_backend() == ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    # On a GPU node one group serves both: CUDA tensors through NCCL, the trainer's CPU scalars through gloo.
+    assert distributed_backend(cuda=True) == "cpu:gloo,cuda:nccl" and distributed_backend(cuda=False) == "gloo"
+    assert compute_device(cuda=False) == torch.device("cpu")
     assert 0 < find_free_port() < 65536
     slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
              "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}

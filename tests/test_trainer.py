@@ -51,14 +51,24 @@ def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     after_kill = train(_cfg(data, f"{root}/killed"))
     # Stop requests: the STOP file (SLURM's pre-timeout trap) and SIGUSR1 to one rank. Both stop every
     # rank after the same step with a checkpoint; rerunning finishes the run as if never stopped.
-    Path(f"{root}/stopfile").mkdir(parents=True, exist_ok=True)
+    # A STOP left by an earlier job (its trap fired, then it crashed) is cleared at start, not obeyed.
+    Path(f"{root}/stale").mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        Path(f"{root}/stopfile/STOP").touch()
-    stopped_by_file = train(_cfg(data, f"{root}/stopfile"))
-    finished_after_file = train(_cfg(data, f"{root}/stopfile"))
+        Path(f"{root}/stale/STOP").touch()
+    stale = train(_cfg(data, f"{root}/stale"))
     import nulls_megatron.train.trainer as trainer
 
     real_lr = trainer.learning_rate
+
+    def lr_and_stop_file(step, total, opt):  # the trap writes STOP while the run trains
+        if step == 0 and rank == 0:
+            Path(f"{root}/stopfile/STOP").touch()
+        return real_lr(step, total, opt)
+
+    trainer.learning_rate = lr_and_stop_file
+    stopped_by_file = train(_cfg(data, f"{root}/stopfile"))
+    trainer.learning_rate = real_lr
+    finished_after_file = train(_cfg(data, f"{root}/stopfile"))
 
     def lr_and_signal(step, total, opt):
         if step == 1 and rank == 1:
@@ -70,7 +80,7 @@ def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     trainer.learning_rate = real_lr
     finished_after_signal = train(_cfg(data, f"{root}/signal"))
     stops = [(r.final_step, r.stopped_by, r.losses) for r in
-             (stopped_by_file, finished_after_file, stopped_by_signal, finished_after_signal)]
+             (stopped_by_file, finished_after_file, stopped_by_signal, finished_after_signal, stale)]
     # The DeepSpeed engine through the same checkpoints (ZeRO-2 moments gathered over DP and restored).
     zero = {"engine": "deepspeed", "zero_stage": 2, "steps": 4, "save_every": 2}
     ds_full = train(train_config(data, f"{root}/ds_full", train=dict(zero)))
@@ -109,11 +119,14 @@ def test_train_resume_kill_and_tracking(prep, tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000000003", "step-000000006"]
 
     for results in (rank0["stops"], rank1["stops"]):
-        (file_step, file_reason, file_losses), (end1, none1, rest1), (sig_step, sig_reason, sig_losses), (end2, none2, rest2) = results
+        (file_step, file_reason, file_losses), (end1, none1, rest1), (sig_step, sig_reason, sig_losses), (end2, none2, rest2), \
+            (stale_step, stale_reason, stale_losses) = results
+        assert (stale_step, stale_reason, stale_losses) == (STEPS, None, full.losses)
         assert (file_step, end1, sig_step, end2) == (1, STEPS, 2, STEPS) and none1 is none2 is None
         assert file_reason.endswith("STOP") and sig_reason == "SIGUSR1"
         assert file_losses + rest1 == full.losses and sig_losses + rest2 == full.losses
     assert not (tmp_path / "stopfile" / "STOP").exists(), "the STOP file is consumed"
+    assert not (tmp_path / "stale" / "STOP").exists(), "a stale STOP file is cleared at start"
     ds_full, ds_first, ds_second = rank0["ds"]
     assert len(ds_full) == 4 and ds_first + ds_second == ds_full, "DeepSpeed: resume is bit-identical too"
     assert ds_full[:2] == pytest.approx(full.losses[:2], abs=1e-4), "both engines train the same model the same way"

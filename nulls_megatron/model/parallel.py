@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -25,7 +26,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
         if not any(v in os.environ for v in _LAUNCHER_VARS) and not os.environ.get("MASTER_PORT"):
             # A plain single process: any free port, so that concurrent runs never collide.
             os.environ["MASTER_PORT"] = str(find_free_port())
-        init_distributed_from_env()
+        init_distributed_from_env(timeout=timedelta(minutes=parallel.timeout_minutes))
     world = dist.get_world_size()
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
     if world % model_parallel:
@@ -36,5 +37,6 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
+        distributed_timeout_minutes=parallel.timeout_minutes,
     )
     model_parallel_seed(seed)

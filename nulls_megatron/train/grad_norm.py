@@ -24,10 +24,11 @@ def _counted_once(param: torch.nn.Parameter) -> bool:
 
 def global_grad_norm(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> float:
     """L2 norm of the full model's gradient (after data-parallel reduction), the same on every rank."""
-    total = torch.zeros(1, dtype=torch.float64)
-    for param, grad in zip(params, grads):
-        if grad is not None and _counted_once(param):
-            total += grad.detach().double().pow(2).sum().cpu()
+    squares = [grad.detach().double().pow(2).sum() for param, grad in zip(params, grads)
+               if grad is not None and _counted_once(param)]
+    # Summed where the gradients live, then one copy to the CPU (one device sync per step, not one per
+    # parameter); the all-reduce runs on the CPU side of the process group (gloo).
+    total = torch.stack(squares).sum().reshape(1).cpu() if squares else torch.zeros(1, dtype=torch.float64)
     if torch.distributed.is_initialized():
         # The model-parallel group spans TP x PP of one replica; DP replicas hold equal gradients.
         torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())

@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..model.cpu_compat import pipeline_schedule_compat
+from .device import batch_to_device
 from .packing import PackedRows
 
 
@@ -26,14 +27,14 @@ def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 def _forward_step(data_iterator: Iterator[PackedRows], model):
-    batch = next(data_iterator)
+    batch = batch_to_device(next(data_iterator))
     output = model(
         batch.tokens,
         labels=batch.labels,
         source_ids=batch.source_ids,
         document_ids=batch.document_ids,
     )
-    return output, partial(_masked_mean_loss, batch.loss_mask.to(output.device))
+    return output, partial(_masked_mean_loss, batch.loss_mask)
 
 
 def forward_backward(model, micro_batches: list[PackedRows], forward_only: bool = False) -> float | None:

@@ -229,6 +229,12 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
                                                       flush_every_steps=tracking.flush_every_steps)) \
         if tracking.enabled else Tracker()
     with tracker, StopRequest(Path(cfg.train.run_dir)) as stop, contextlib.closing(loader):
+        if rank == 0 and stop.file.exists():
+            # Written by an earlier job's pre-timeout trap that then crashed before consuming it: obeying
+            # it would stop this submission after one step with exit 0 and no requeue.
+            age = time.time() - stop.file.stat().st_mtime
+            stop.file.unlink(missing_ok=True)
+            print(f"removed a stale {stop.file} (written {age / 60:.0f} min ago, before this run started)", flush=True)
         result.run_id = tracker.start(cfg.train.run_dir, cfg, run_name=tracking.run_name or None,
                                       tags={"nulls.engine": t.engine.value, "nulls.world_size": dist.get_world_size()},
                                       artifacts=_artifacts(cfg, config_path))

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from ..precision import use_bf16
 from ...config import Config
+from ..device import batch_to_device
 from ..packing import PackedRows
 from .base import OPTIMIZER_MOMENTS, Engine
 from .param_groups import adamw_param_groups
@@ -156,14 +157,10 @@ class DeepSpeedZeroEngine(Engine):
 
     # -- training -----------------------------------------------------------------------------
     def _forward_loss(self, batch: PackedRows) -> torch.Tensor:
-        device = self.engine.device
-        per_token = self.engine(
-            batch.tokens.to(device),
-            labels=batch.labels.to(device),
-            source_ids=batch.source_ids.to(device),
-            document_ids=batch.document_ids.to(device),
-        )
-        return _masked_mean(per_token, batch.loss_mask.to(device))
+        batch = batch_to_device(batch, self.engine.device)
+        per_token = self.engine(batch.tokens, labels=batch.labels, source_ids=batch.source_ids,
+                                document_ids=batch.document_ids)
+        return _masked_mean(per_token, batch.loss_mask)
 
     def _dp_mean(self, losses: list[torch.Tensor]) -> float:
         mean = torch.stack(losses).mean().float().reshape(1)
