@@ -1,0 +1,85 @@
+"""The paper's run on H100 nodes, on paper: FLOPs per token from a config, step time and MFU, and the
+memory the attention path saves for backward (docs/scaling.md).
+
+Everything is computed from the config (default configs/wiki_1b_paper.yaml) and published H100
+figures; nothing here is a measurement on a GPU. Counted per token (forward; training = 3x):
+matmuls of the active parameters (QKV, attention out, the backbone + one source's k sinks of every
+MLP, the LM head), and attention scores + values with the causal half of a packed row (documents are
+shorter than the row; counted as if the row were one document: an upper bound).
+
+    python benchmarks/scaling_estimate.py [--config configs/wiki_1b_paper.yaml] [--gpus 64] [--mfu 0.35]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nulls_megatron.config import load_config  # noqa: E402
+
+H100_BF16_DENSE = 989e12  # FLOP/s, SXM, dense (no sparsity)
+H100_HBM = 3.35e12  # bytes/s
+
+
+def flops_per_token(cfg) -> dict[str, float]:
+    m, n = cfg.model, cfg.nulls
+    d, h, g, hd, s = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim, m.seq_length
+    qkv = d * (h * hd + 2 * g * hd)
+    out = h * hd * d
+    mlp_live = 3 * d * (n.n_backbone + n.sinks_per_source)
+    mlp_dense = 3 * d * m.ffn_hidden_size  # the reference code's masked-dense MLP computes all of I
+    head = d * m.vocab_size
+    attn = 2 * 2 * s * h * hd * 0.5  # scores and values, causal half
+    layer = 2 * (qkv + out + mlp_live) + attn
+    forward = m.num_layers * layer + 2 * head
+    return {"forward": forward, "train": 3 * forward,
+            "train_masked_dense": 3 * (m.num_layers * (2 * (qkv + out + mlp_dense) + attn) + 2 * head),
+            "active_params": m.num_layers * (qkv + out + mlp_live) + head}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "wiki_1b_paper.yaml"))
+    p.add_argument("--gpus", type=int, default=64)
+    p.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOP utilisation for the time estimate")
+    p.add_argument("--tokens", type=float, default=32e9)
+    p.add_argument("--doc-tokens", type=float, default=713, help="mean tokens per article (the paper's data)")
+    p.add_argument("--launch-us", type=float, default=8.0, help="cost of one small kernel launch + its sync points")
+    args = p.parse_args()
+    cfg = load_config(args.config)
+    m, t = cfg.model, cfg.train
+    f = flops_per_token(cfg)
+    tokens_step = t.global_batch_rows * m.seq_length
+    per_gpu = tokens_step / args.gpus
+    step_flops = f["train"] * tokens_step
+    ideal = step_flops / (args.gpus * H100_BF16_DENSE)
+    print(f"active parameters (matmuls per token): {f['active_params'] / 1e6:.0f}M")
+    print(f"FLOPs per token: forward {f['forward'] / 1e9:.3f} G, training {f['train'] / 1e9:.3f} G "
+          f"(masked-dense MLP as the reference code: {f['train_masked_dense'] / 1e9:.2f} G, "
+          f"{f['train_masked_dense'] / f['train']:.1f}x)")
+    print(f"step: {tokens_step:,} tokens = {step_flops / 1e15:.2f} PFLOP; {per_gpu:,.0f} tokens per GPU on {args.gpus} GPUs")
+    print(f"step time at 100% of the bf16 peak: {ideal * 1e3:.0f} ms; at MFU {args.mfu:.0%}: {ideal / args.mfu * 1e3:.0f} ms")
+    run_s = args.tokens / tokens_step * ideal / args.mfu
+    print(f"the {args.tokens / 1e9:.0f}B-token run at MFU {args.mfu:.0%}: {run_s / 3600:.1f} h on {args.gpus} GPUs "
+          f"({run_s * args.gpus / 3600:,.0f} GPU-hours): the sink pool holds most parameters but costs no FLOPs")
+    sources = per_gpu / args.doc_tokens + t.micro_batch_rows  # whole documents plus one split per row
+    launches = sources * m.num_layers * (6 + 6)  # per source and layer: 2 GEMMs fwd, 4 bwd, ~6 elementwise
+    print(f"the per-source sink loop (kernels/grouped_sink_swiglu.py, until a grouped kernel): ~{sources:.0f} sources "
+          f"per GPU and step (documents of {args.doc_tokens:.0f} tokens) -> ~{launches:,.0f} kernel launches, "
+          f"{launches * args.launch_us / 1e3:.0f} ms at {args.launch_us:.0f} us each: more than the step's compute")
+    b, h, s, layers = t.micro_batch_rows, m.num_attention_heads, m.seq_length, m.num_layers
+    probs = b * h * s * s * 4 * layers  # fp32 softmax probabilities saved for backward, every layer
+    print(f"masked attention (today's path before issue 10): fp32 probabilities saved for backward "
+          f"{probs / 2**30:.1f} GiB per micro-batch of {b} rows; reading and writing them "
+          f"(~4 passes forward + backward) costs {4 * probs / H100_HBM * 1e3:.0f} ms of HBM time per micro-batch, "
+          f"against {f['train'] * b * s / H100_BF16_DENSE / args.mfu * 1e3:.0f} ms of compute at MFU {args.mfu:.0%}")
+    lse = b * h * s * 4 * layers
+    print(f"FlexAttention / SDPA with a block mask: {lse / 2**20:.1f} MiB of log-sum-exp saved per micro-batch")
+    print(f"RESULT train_gflop_per_token={f['train'] / 1e9:.3f} step_ms_at_mfu={ideal / args.mfu * 1e3:.0f} "
+          f"run_hours={run_s / 3600:.1f}")
+
+
+if __name__ == "__main__":
+    main()
