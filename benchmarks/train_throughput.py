@@ -8,8 +8,15 @@ loss, masked mean) + one ``torch.optim.AdamW`` step, fp32 on CPU. Two models:
 - dense-active: Megatron-core's ``GPTModel`` with the local layer spec and a plain
   SwiGLU MLP of width ``n_backbone + k`` (what a NULLs token really computes),
   everything else identical: the same ``TransformerConfig`` but for
-  ``ffn_hidden_size``, the same block-diagonal causal mask (``arbitrary`` mask
-  type), the same tokens, the same AdamW parameter groups.
+  ``ffn_hidden_size``, the same block-diagonal causal attention on the same
+  attention path (``--attention``), the same tokens, the same AdamW parameter groups.
+
+``--attention``: ``sdpa`` (the default on CPU: ``PackedDotProductAttention``, SDPA with the
+mask built once per micro-batch) or ``masked`` (Megatron's unfused masked softmax, the
+path before issue 10). With ``sdpa`` a third model runs interleaved with the other two:
+the NULLs model on the ``masked`` path, and ``vs_masked_attention=`` on the RESULT line is
+the NULLs tokens/s on the new path over the NULLs tokens/s on the masked one
+(``--no-vs-masked`` skips it; ``--quick`` skips it unless ``--vs-masked`` is given).
 
 The NULLs model has more parameters (the sink pool, ``n_pool`` rows per layer)
 and its optimizer step updates all of them, as a training run would: that cost
@@ -21,7 +28,7 @@ other processes hits both alike; the RESULT is the ratio of the median tokens/s.
 Cross-checks printed beside it (per-pair ratio, fastest steps, CPU time) show how
 much load from other processes moved it.
 
-    python benchmarks/train_throughput.py [--quick] [--hidden 256] [--layers 4] [--seq 512] [--rows 8]
+    python benchmarks/train_throughput.py [--quick] [--attention sdpa|masked] [--hidden 256] [--layers 4] [--seq 512] [--rows 8]
 """
 from __future__ import annotations
 
@@ -41,12 +48,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nulls_megatron.config import Config, ParallelConfig, config_from_dict  # noqa: E402
 from nulls_megatron.model.attention_mask import block_causal_mask  # noqa: E402
 from nulls_megatron.model.gpt import build_nulls_gpt, transformer_config  # noqa: E402
+from nulls_megatron.model.packed_attention import AttentionContext, PackedDotProductAttention  # noqa: E402
 from nulls_megatron.model.parallel import init_model_parallel  # noqa: E402
 from nulls_megatron.train.engines.param_groups import adamw_param_groups  # noqa: E402
 from nulls_megatron.train.packing import PackedRows, pack_documents  # noqa: E402
 
 
-def make_config(args: argparse.Namespace) -> Config:
+def make_config(args: argparse.Namespace, attention: str | None = None) -> Config:
     return config_from_dict(
         {
             "model": {
@@ -58,6 +66,7 @@ def make_config(args: argparse.Namespace) -> Config:
                 "ffn_hidden_size": args.n_backbone + args.n_pool,
                 "seq_length": args.seq,
                 "tie_embeddings": True,
+                "attention_backend": attention or args.attention,
             },
             "nulls": {"n_backbone": args.n_backbone, "n_pool": args.n_pool, "sinks_per_source": args.k},
         }
@@ -83,14 +92,18 @@ def make_batches(args: argparse.Namespace, n_batches: int, seed: int = 0) -> lis
 
 
 def build_dense_active(cfg: Config, width: int) -> torch.nn.Module:
-    """Megatron's GPTModel with a dense SwiGLU of ``width`` and the NULLs model's attention setup."""
+    """Megatron's GPTModel with a dense SwiGLU of ``width`` and the NULLs model's attention setup
+    (the same core attention; with ``sdpa`` its mask is prepared once per step in a shared
+    ``AttentionContext``, as ``NullsGPTModel.forward`` does)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}
-    return GPTModel(
+    if cfg.model.attention_backend != "masked":
+        spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    model = GPTModel(
         config=transformer_config(cfg, ffn_hidden_size=width),
         transformer_layer_spec=spec,
         vocab_size=cfg.model.vocab_size,
@@ -99,6 +112,13 @@ def build_dense_active(cfg: Config, width: int) -> torch.nn.Module:
         position_embedding_type="rope",
         rotary_base=int(cfg.model.rotary_base),
     )
+    model.attention_context = None
+    if cfg.model.attention_backend != "masked":
+        model.attention_context = AttentionContext(backend=cfg.model.attention_backend)
+        for module in model.modules():
+            if isinstance(module, PackedDotProductAttention):
+                module.attention_context = model.attention_context
+    return model
 
 
 def nulls_forward(model: torch.nn.Module, batch: PackedRows) -> torch.Tensor:
@@ -109,7 +129,13 @@ def dense_forward(model: torch.nn.Module, batch: PackedRows) -> torch.Tensor:
     # The same mask and positions the NULLs forward builds internally, built inside the step too.
     rows, seq = batch.tokens.shape
     position_ids = torch.arange(seq).unsqueeze(0).expand(rows, -1)
-    return model(batch.tokens, position_ids, block_causal_mask(batch.document_ids), labels=batch.labels)
+    if model.attention_context is None:
+        return model(batch.tokens, position_ids, block_causal_mask(batch.document_ids), labels=batch.labels)
+    model.attention_context.prepare(batch.document_ids)
+    try:
+        return model(batch.tokens, position_ids, None, labels=batch.labels)
+    finally:
+        model.attention_context.clear()
 
 
 class Trainer:
@@ -173,7 +199,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per model (default 15, --quick 3)")
     parser.add_argument("--batches", type=int, default=4, help="distinct micro-batches cycled through")
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (seconds)")
+    parser.add_argument("--attention", choices=["sdpa", "masked"], default="sdpa",
+                        help="attention path of both models: sdpa (new) or masked (Megatron's masked softmax)")
+    parser.add_argument("--vs-masked", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the NULLs model on the masked path (default: on, but off with --quick)")
     args = parser.parse_args()
+    if args.vs_masked is None:
+        args.vs_masked = not args.quick
+    args.vs_masked = args.vs_masked and args.attention != "masked"
     if args.quick:
         args.hidden, args.layers, args.seq, args.vocab, args.rows = 64, 2, 128, 512, 2
         args.n_backbone, args.n_pool, args.k, args.median_doc = 16, 512, 8, 150
@@ -190,11 +223,15 @@ def main() -> None:
     init_model_parallel(ParallelConfig(), cfg.seed)
     dense = Trainer(build_dense_active(cfg, active), dense_forward, cfg, args.adamw)
     trainers = {"NULLs": nulls, "dense-active": dense}
+    if args.vs_masked:
+        init_model_parallel(ParallelConfig(), cfg.seed)
+        trainers["NULLs-masked"] = Trainer(build_nulls_gpt(make_config(args, "masked")), nulls_forward, cfg, args.adamw)
 
     batches = make_batches(args, args.batches)
     tokens_per_step = batches[0].tokens.numel()
     sources = statistics.mean(int(torch.unique(b.source_ids).numel()) for b in batches)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, AdamW={args.adamw}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, AdamW={args.adamw}, "
+          f"attention={args.attention}" + (" (+ NULLs on the masked path)" if args.vs_masked else ""))
     print(f"d={args.hidden} layers={args.layers} heads={args.heads}/{args.query_groups} kv groups seq={args.seq} "
           f"vocab={args.vocab}; NULLs MLP n_backbone={args.n_backbone} n_pool={args.n_pool} k={args.k} "
           f"(live width {active}); dense-active MLP width {active}")
@@ -234,7 +271,14 @@ def main() -> None:
     print(f"NULLs / dense-active time: fwd+bwd {fb:.2f}x, optimizer {opt:.2f}x, step CPU time {cpu:.2f}x")
     print(f"throughput NULLs / dense-active: ratio of medians {ratio:.2f} (the RESULT); cross-checks: "
           f"median of per-pair ratios {paired:.2f}, fastest steps {best:.2f}, CPU time {1 / cpu:.2f}")
-    print(f"RESULT nulls_vs_dense_active={ratio:.2f}")
+    result = f"RESULT nulls_vs_dense_active={ratio:.2f}"
+    if args.vs_masked:
+        vs_masked = throughput["NULLs"] / throughput["NULLs-masked"]
+        paired_masked = statistics.median(m / n for m, n in zip(trainers["NULLs-masked"].times["total"], nulls.times["total"]))
+        print(f"NULLs tokens/s, {args.attention} / masked attention: ratio of medians {vs_masked:.2f}; "
+              f"median of per-pair ratios {paired_masked:.2f}")
+        result += f" vs_masked_attention={vs_masked:.2f}"
+    print(result)
 
 
 if __name__ == "__main__":

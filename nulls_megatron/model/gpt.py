@@ -24,6 +24,7 @@ from .attention_mask import block_causal_mask
 from .cpu_compat import apply_cpu_compat, cpu_transformer_config_overrides, pipeline_schedule_compat
 from .layer_spec import nulls_gpt_layer_spec
 from .nulls_mlp import NullsMegatronMLP, RoutingContext
+from .packed_attention import AttentionContext, PackedDotProductAttention, resolve_attention_backend
 
 
 def transformer_config(cfg: Config, **overrides) -> TransformerConfig:
@@ -74,7 +75,7 @@ class NullsGPTModel(GPTModel):
             raise NotImplementedError("the NULLs routing assumes every rank holds whole sequences: no sequence/context parallelism yet")
         super().__init__(
             config=config,
-            transformer_layer_spec=nulls_gpt_layer_spec(cfg.nulls),
+            transformer_layer_spec=nulls_gpt_layer_spec(cfg.nulls, cfg.model.attention_backend),
             vocab_size=cfg.model.vocab_size,
             max_sequence_length=cfg.model.seq_length,
             pre_process=pre_process,
@@ -85,9 +86,13 @@ class NullsGPTModel(GPTModel):
         )
         self.cfg = cfg
         self.routing_context = RoutingContext()
+        self.attention_backend = resolve_attention_backend(cfg.model.attention_backend)
+        self.attention_context = AttentionContext(backend=self.attention_backend)
         for module in self.modules():
             if isinstance(module, NullsMegatronMLP):
                 module.routing_context = self.routing_context
+            elif isinstance(module, PackedDotProductAttention):
+                module.attention_context = self.attention_context
 
     def nulls_mlps(self) -> list[NullsMegatronMLP]:
         return [m for m in self.modules() if isinstance(m, NullsMegatronMLP)]
@@ -113,18 +118,27 @@ class NullsGPTModel(GPTModel):
                 one id, or [b, s]), ``expected`` or ``backbone``.
             document_ids: [b, s] document boundaries for the attention mask when two
                 documents of one source sit side by side; defaults to ``source_ids``.
-            attention_mask: overrides the block-diagonal causal mask.
+            attention_mask: overrides the block-diagonal causal mask (Megatron's boolean
+                [b, 1, s, s], True = masked), whatever the attention backend.
+
+        The block-diagonal causal attention of the packed rows is prepared here, once per
+        forward, and shared by all layers: Megatron's mask for the ``masked`` backend, the
+        SDPA mask or FlexAttention ``BlockMask`` in the model's ``AttentionContext`` otherwise.
         """
         batch, seq = source_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=source_ids.device).unsqueeze(0).expand(batch, -1)
-        if attention_mask is None:
-            attention_mask = block_causal_mask(document_ids if document_ids is not None else source_ids)
+        documents = document_ids if document_ids is not None else source_ids
+        if attention_mask is None and self.attention_backend == "masked":
+            attention_mask = block_causal_mask(documents)
+        elif attention_mask is None:
+            self.attention_context.prepare(documents)
         self.routing_context.routing = self._routing(source_ids, SinkMode(sink_mode), route_sources)
         try:
             return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
         finally:
             self.routing_context.routing = None
+            self.attention_context.clear()
 
     @staticmethod
     def _routing(source_ids: torch.Tensor, mode: SinkMode, route_sources) -> SinkRouting:

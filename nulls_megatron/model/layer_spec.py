@@ -12,16 +12,22 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from ..config import NullsConfig
 from ..sinks.assignment import assignment_from_config
 from .nulls_mlp import NullsMegatronMLP
+from .packed_attention import PackedDotProductAttention, resolve_attention_backend
 
 
-def nulls_gpt_layer_spec(nulls: NullsConfig) -> ModuleSpec:
+def nulls_gpt_layer_spec(nulls: NullsConfig, attention_backend: str = "masked") -> ModuleSpec:
     """RMSNorm, RoPE, grouped-query attention and the NULLs MLP.
 
-    Attention takes an explicit mask (``arbitrary``) so that packed rows get the
-    block-diagonal causal mask on every softmax path, fused or not.
+    ``attention_backend`` (``model.attention_backend``): ``masked`` keeps Megatron's
+    unfused ``DotProductAttention`` with an explicit mask (``arbitrary``, so packed rows
+    get the block-diagonal causal mask on every softmax path); ``sdpa``/``flex``/``auto``
+    put :class:`PackedDotProductAttention` in its place, which reads the mask that
+    ``NullsGPTModel.forward`` prepares once per micro-batch (packed_attention.py).
     """
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}
+    if resolve_attention_backend(attention_backend) != "masked":
+        spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     spec.submodules.mlp = ModuleSpec(
         module=NullsMegatronMLP,
         params={"assignment": assignment_from_config(nulls), "n_backbone": nulls.n_backbone},
