@@ -13,8 +13,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 MANIFEST_NAME = "manifest.parquet"  # data_prep.manifest.MANIFEST_NAME; kept here so training imports no data_prep
 LINEAGE = "manifest_lineage.json"  # written by nulls_megatron.unlearn.purge
 _BLOCK = 1 << 24
@@ -37,6 +35,8 @@ def describe_sources_manifest(prep_dir: str | os.PathLike) -> dict | None:
     path = Path(prep_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
+    import pyarrow.parquet as pq  # here: training on data without a manifest needs no pyarrow
+
     return {"dir": str(path.parent.resolve()), "sha256": _sha256(path),
             "sources": int(pq.ParquetFile(path).metadata.num_rows)}
 
