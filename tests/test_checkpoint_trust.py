@@ -90,12 +90,14 @@ def trust_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     c = fresh("nan")
     real_build = trainer.build_model_and_engine
 
+    poison_at = [7]  # the second step after resuming at 6
+
     def poisoned(cfg, n_micro):
         engine = real_build(cfg, n_micro)
         original = engine.train_step
 
         def step_with_nan(batches, lr):
-            if engine.optimizer_steps() == 7:  # the second step after resuming at 6
+            if engine.optimizer_steps() == poison_at[0]:
                 with torch.no_grad():
                     next(p for n, p in engine.module.named_parameters() if "linear_qkv" in n).view(-1)[0] = float("nan")
             return original(batches, lr)
@@ -106,9 +108,12 @@ def trust_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     trainer.build_model_and_engine = poisoned
     try:
         out["nan"] = _attempt(train, _cfg(data, str(c.parent), steps=12, save_every=1))[0]
+        out["nan_entries"] = sorted(p.name for p in c.iterdir())
+        poison_at[0] = 1  # DeepSpeed, from scratch: its second step
+        out["nan_deepspeed"] = _attempt(train, _cfg(data, f"{root}/nan_ds", steps=4, save_every=1, engine="deepspeed"))[0]
+        out["nan_deepspeed_entries"] = sorted(p.name for p in (Path(root) / "nan_ds" / "checkpoints").iterdir())
     finally:
         trainer.build_model_and_engine = real_build
-    out["nan_entries"] = sorted(p.name for p in c.iterdir())
     return out
 
 
@@ -170,10 +175,13 @@ def test_finished_run_says_so(trust):
 
 def test_non_finite_gradient_stops_before_the_step_and_the_save(trust):
     error = trust["nan"]
-    assert error.startswith("NonFiniteError") and "optimizer step 8" in error and "rank 0" in error
+    assert error.startswith("NonFiniteError: step 8:") and "rank 0" in error and "the step was not taken" in error
     assert "first non-finite gradient: " in error and "on another rank" not in error
     # Step 7 was saved (save_every=1); the NaN step 8 was not, and nothing was pruned.
     assert [e for e in trust["nan_entries"] if e.startswith("step-")] == ["step-000000003", "step-000000006", "step-000000007"]
+    ds = trust["nan_deepspeed"]
+    assert ds.startswith("NonFiniteError: step 2:") and "first non-finite parameter: " in ds and "linear_qkv" in ds, ds
+    assert [e for e in trust["nan_deepspeed_entries"] if e.startswith("step-")] == ["step-000000001"]
 
 
 def killed_while_writers_run(rank: int, world_size: int, data: str, run_dir: str, pid_file: str) -> None:

@@ -244,7 +244,11 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
         for step in range(start, end):
             batches = [next(loader) for _ in range(n_micro)]
             lr = learning_rate(step, total, cfg.optimizer)
-            loss, grad_norm = engine.train_step(batches, lr)
+            try:
+                loss, grad_norm = engine.train_step(batches, lr)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"step {step + 1}: {e}; stopped before saving: the checkpoints on disk are "
+                                     "the last good state") from None
             step_tokens = _global_tokens(batches)
             tokens += step_tokens
             window_tokens += step_tokens

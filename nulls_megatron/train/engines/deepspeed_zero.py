@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 from typing import Any, Iterable
 
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from ..precision import use_bf16
 from ...config import Config
 from ..device import batch_to_device
+from ..grad_norm import NonFiniteError, first_non_finite
 from ..packing import PackedRows
 from .base import OPTIMIZER_MOMENTS, Engine
 from .param_groups import adamw_param_groups
@@ -188,8 +190,15 @@ class DeepSpeedZeroEngine(Engine):
             self.engine.step()
             losses.append(loss.detach())
         # Before clipping; summed over DP and over TP without double-counting replicated params.
-        grad_norm = self.engine.get_global_grad_norm()
-        return self._dp_mean(losses), float(grad_norm)
+        grad_norm = float(self.engine.get_global_grad_norm())
+        if not math.isfinite(grad_norm):
+            # ZeRO partitions the gradients and frees them at the step (which it skips on an overflow),
+            # so the offending parameter is named only when a non-finite value reached the weights.
+            bad = first_non_finite([(n, p.detach()) for n, p in self.module.named_parameters()])
+            where = f"first non-finite parameter: {bad}" if bad else \
+                "the parameter is not known (ZeRO partitions the gradients; no weight became non-finite)"
+            raise NonFiniteError(f"gradient norm {grad_norm} on rank {dist.get_rank()}; {where}")
+        return self._dp_mean(losses), grad_norm
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[PackedRows]) -> float | None:

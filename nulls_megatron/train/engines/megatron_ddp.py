@@ -102,8 +102,8 @@ class MegatronDDPEngine(Engine):
         if not math.isfinite(norm):
             # Before the optimizer step: the weights stay as they were, and nothing is saved.
             bad = first_non_finite([(n, p.main_grad) for n, p in named])
-            raise NonFiniteError(f"optimizer step {self._steps + 1}: gradient norm {norm} on rank {dist.get_rank()}; "
-                                 f"first non-finite gradient: {bad or 'on another rank'}")
+            raise NonFiniteError(f"gradient norm {norm} on rank {dist.get_rank()}; "
+                                 f"first non-finite gradient: {bad or 'on another rank'} (the step was not taken)")
         if self.cfg.optimizer.clip_grad > 0:
             clip_by_global_norm(grads, norm, self.cfg.optimizer.clip_grad)
         for group in self.optimizer.param_groups:
