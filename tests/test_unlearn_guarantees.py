@@ -200,6 +200,10 @@ def erase_in_checkpoint(checkpoint: Path, forget: list[int], assignment) -> None
         manifest["files"][name] = sha256_file(path)
     manifest["disabled_sources"] = sorted(forget)
     (checkpoint / "sinks" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    # The checkpoint-wide digests too, or the trainer would refuse the edited checkpoint as damaged.
+    from nulls_megatron.checkpoint.digests import checkpoint_files, sha256_of, write_digests
+
+    write_digests(checkpoint, {n: vars(sha256_of(checkpoint / n)) for n in checkpoint_files(checkpoint)})
 
 
 def _recording(trainer, seen: list[set[int]], initial: dict[int, torch.Tensor]):
