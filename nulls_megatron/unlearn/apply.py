@@ -99,11 +99,18 @@ def _link_tree(src: Path, dst: Path, skip: set[str], result: WriteResult) -> Non
             _link_or_copy(entry, dst / entry.name, result)
 
 
-def _edit_shard(raw: bytes, action: str, rows: np.ndarray, off_rows: np.ndarray, where: Path) -> bytes:
-    """The new bytes of one layer/shard file, edited in place in its safetensors layout (rows local to
-    the shard): the header, and so every byte outside the edited rows, stays as it was."""
-    spans = tensor_spans(raw, where)
-    out = bytearray(raw)
+def _read_into_bytearray(path: Path) -> bytearray:
+    """The file's bytes in a buffer that can be edited in place (no extra copy of a large file)."""
+    data = bytearray(path.stat().st_size)
+    with open(path, "rb") as f:
+        n = f.readinto(data)
+    return data[:n] if n != len(data) else data
+
+
+def _edit_shard(out: bytearray, action: str, rows: np.ndarray, off_rows: np.ndarray, where: Path) -> bytearray:
+    """One layer/shard file's bytes edited in place in its safetensors layout (rows local to the
+    shard): the header, and so every byte outside the edited rows, stays as it was."""
+    spans = tensor_spans(out, where)
     if action == "erase":
         for name, span in spans.items():
             if name == "weight" or name.startswith(OPTIM_PREFIX):
@@ -116,7 +123,7 @@ def _edit_shard(raw: bytes, action: str, rows: np.ndarray, off_rows: np.ndarray,
     values = np.zeros(flags.shape[0], dtype=np.uint8)
     values[off_rows] = 1
     out[flags.start:flags.start + len(values)] = values.tobytes()
-    return bytes(out)
+    return out
 
 
 def write_version(view: CheckpointView, action: str, sources: list[int], receipt_writer: Callable[[WriteResult, Path], dict],
@@ -163,7 +170,7 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
             src, dst = view.sinks_dir / name, tmp / SINKS_DIR / name
             # Every file is checked against its digest before it is used: a damaged checkpoint is
             # refused and the temp directory removed, so nothing of this run stays behind.
-            raw = src.read_bytes() if src.is_file() else None
+            raw = _read_into_bytearray(src) if src.is_file() else None
             if raw is None or (got := hashlib.sha256(raw).hexdigest()) != digests[name]:
                 what = "missing" if raw is None else f"sha256 {got} does not match the manifest's {digests[name]}"
                 raise SinkCheckpointError(f"{src}: {what}; the checkpoint is damaged, refusing to unlearn "

@@ -51,7 +51,10 @@ class SinkRows:
         if self.cache_dir is None:
             yield from self._computed(layer)
             return
-        path = self._ensure(layer)
+        path = self._path(layer)
+        if not (path.is_file() and self._usage_path(layer).is_file()):
+            yield from self._build(layer)  # the first use computes and stores in one pass
+            return
         k = self.assignment.sinks_per_source
         with open(path, "rb") as f:
             for start in range(0, self.n_sources, CHUNK):
@@ -67,8 +70,10 @@ class SinkRows:
     def usage(self, layer: int) -> np.ndarray:
         """How many sources use each pool row, int64 [n_pool]."""
         if self.cache_dir is not None:
-            self._ensure(layer)
-            return np.load(self.cache_dir / f"usage-{self._salt(layer):03d}.npy")
+            if not self._usage_path(layer).is_file():
+                for _ in self._build(layer):
+                    pass
+            return np.load(self._usage_path(layer))
         counts = np.zeros(self.assignment.n_pool, dtype=np.int64)
         for _, rows in self._computed(layer):
             counts += np.bincount(rows.ravel(), minlength=self.assignment.n_pool)
@@ -82,29 +87,37 @@ class SinkRows:
             bar.update(len(ids))
         bar.close()
 
-    def _ensure(self, layer: int) -> Path:
-        salt = self._salt(layer)
-        path = self.cache_dir / f"rows-{salt:03d}.bin"
-        usage_path = self.cache_dir / f"usage-{salt:03d}.npy"
-        if path.is_file() and usage_path.is_file():
-            return path
+    def _path(self, layer: int) -> Path:
+        return self.cache_dir / f"rows-{self._salt(layer):03d}.bin"
+
+    def _usage_path(self, layer: int) -> Path:
+        return self.cache_dir / f"usage-{self._salt(layer):03d}.npy"
+
+    def _build(self, layer: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Compute every source's rows, yield them chunk by chunk, and store them (temp file, fsync,
+        rename) once the last chunk is through; a consumer that stops early leaves no cache file."""
+        path, usage_path = self._path(layer), self._usage_path(layer)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.cache_dir.glob(".*.tmp-*"):  # a build killed or abandoned earlier
+            stale.unlink(missing_ok=True)
         (self.cache_dir / "index.json").write_text(json.dumps(
             {"assignment": asdict(self.assignment), "n_sources": self.n_sources, "dtype": np.dtype(self.dtype).name,
              "layout": "rows-SSS.bin: [n_sources, k] local rows (global = local + shard * shard_size)"}, indent=1))
-        tmp, tmp_usage = path.with_suffix(f".tmp-{os.getpid()}"), usage_path.with_suffix(f".tmp-{os.getpid()}.npy")
+        tmp = self.cache_dir / f".{path.name}.tmp-{os.getpid()}"
+        tmp_usage = self.cache_dir / f".{usage_path.name}.tmp-{os.getpid()}"
         counts = np.zeros(self.assignment.n_pool, dtype=np.int64)
         size = self.assignment.shard_size
         with open(tmp, "wb") as f:
             for start, rows in self._computed(layer):
                 counts += np.bincount(rows.ravel(), minlength=self.assignment.n_pool)
                 (rows % size).astype(self.dtype).tofile(f)
+                yield start, rows
             f.flush()
             os.fsync(f.fileno())
-        np.save(tmp_usage, counts)
+        with open(tmp_usage, "wb") as f:
+            np.save(f, counts)
         os.replace(tmp_usage, usage_path)
         os.replace(tmp, path)
-        return path
 
 
 class _NoBar:
