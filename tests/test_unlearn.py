@@ -72,6 +72,10 @@ def test_erase_by_title_writes_a_verified_version_and_is_idempotent(trained_run,
             keep[rows] = False
             assert torch.equal(after[name][keep], before[name][keep])
         assert after["disabled"][rows].all() and int(after["disabled"].sum()) == len(np.unique(rows))
+    # The new version's checkpoint-wide digests cover every file (training resumes from it).
+    from nulls_megatron.checkpoint.digests import verify_share
+
+    assert verify_share(new) == [] and verify_share(old) == []
     # The backbone is hard-linked, not copied.
     for f in (old / "backbone").iterdir():
         assert os.path.samefile(f, new / "backbone" / f.name)

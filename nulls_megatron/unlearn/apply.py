@@ -182,8 +182,9 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
                 f.write(data)
                 os.fsync(f.fileno())
             event("file", dst)
-            return name, hashlib.sha256(data).hexdigest()
+            return name, (hashlib.sha256(data).hexdigest(), len(data))
 
+        written: dict[str, dict] = {}
         # Hashing, writing and fsync release the GIL: two threads keep both cores and the disk busy.
         with ThreadPoolExecutor(max_workers=_WRITERS) as pool:
             done = list(pool.map(one_file, jobs))
@@ -192,7 +193,9 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
             if after is None:
                 _link_or_copy(src, dst, result)
                 continue
+            after, n_bytes = after
             result.files[f"{SINKS_DIR}/{name}"] = {"before": digests[name], "after": after}
+            written[f"{SINKS_DIR}/{name}"] = {"sha256": after, "bytes": n_bytes}
             result.rows.setdefault(f"layer-{layer:03d}", {})[f"shard-{shard:03d}"] = (local_rows + shard * size).tolist()
             digests[name] = after
         (tmp / RECEIPTS_DIR).mkdir(exist_ok=True)
@@ -202,7 +205,7 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
         part = {"common": {"assignment": m["assignment"], "hidden_size": m["hidden_size"], "dtype": m["dtype"]},
                 "layers": view.layers, "optimizer_tensors": m.get("optimizer_tensors", []), "files": digests}
         write_sink_manifest(tmp, [part], state)
-        _write_digests(view, tmp, {f"{SINKS_DIR}/{MANIFEST}", entry["name"], *result.files})
+        _write_digests(view, tmp, {f"{SINKS_DIR}/{MANIFEST}", entry["name"]}, written)
         event("written", tmp)
     event("renamed", final)
     if out is None and view.is_latest():
@@ -212,13 +215,19 @@ def write_version(view: CheckpointView, action: str, sources: list[int], receipt
     return result
 
 
-def _write_digests(view: CheckpointView, tmp: Path, changed: set[str]) -> None:
-    """``digests.json`` of the new version: the old digests of every linked (unchanged) file, fresh ones
-    of the files this run wrote (a checkpoint saved before digests existed gets all of them fresh)."""
+def _write_digests(view: CheckpointView, tmp: Path, changed: set[str], written: dict[str, dict]) -> None:
+    """``digests.json`` of the new version: the old digests of every linked (unchanged) file, the ones
+    computed while writing the rewritten sink files, and fresh ones of the small files this run wrote
+    (a checkpoint saved before digests existed gets all of them fresh)."""
     old = read_digests(view.path) or {}
     digests = {}
     for name in checkpoint_files(tmp):
-        digests[name] = old[name] if name in old and name not in changed else vars(sha256_of(tmp / name))
+        if name in written:
+            digests[name] = written[name]
+        elif name in old and name not in changed:
+            digests[name] = old[name]
+        else:
+            digests[name] = vars(sha256_of(tmp / name))
     write_digests(tmp, digests)
 
 
