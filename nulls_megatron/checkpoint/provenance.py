@@ -30,6 +30,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _verified_sha256(path: Path, expected: str) -> str:
+    """sha256 of ``path``, remembered beside it once it matched ``expected``: a 6.4M-source manifest is
+    ~200 MB, and every unlearning request would hash it again. The note (``.<name>.verified.json``)
+    keys the digest on size, modification time and inode; any rewrite of the file changes them."""
+    import json
+
+    st = path.stat()
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "sha256": expected}
+    note = path.with_name(f".{path.name}.verified.json")
+    try:
+        if json.loads(note.read_text()) == key:
+            return expected
+    except (OSError, ValueError):
+        pass
+    got = _sha256(path)
+    if got == expected:
+        try:
+            tmp = note.with_name(note.name + f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(key))
+            os.replace(tmp, note)
+        except OSError:  # a read-only data folder: hash every time
+            pass
+    return got
+
+
 def describe_sources_manifest(prep_dir: str | os.PathLike) -> dict | None:
     """``{"dir", "sha256", "sources"}`` of ``<prep_dir>/manifest.parquet``, or None when the folder has none."""
     path = Path(prep_dir) / MANIFEST_NAME
@@ -75,7 +100,7 @@ def sources_manifest_dir(recorded: dict | None, override: str | os.PathLike | No
         hint = "" if override is not None else " (recorded at training time; moved? pass --manifest PREP_DIR)"
         raise ProvenanceError(f"{path}: sources manifest not found{hint}")
     if recorded is not None:
-        got = _sha256(path)
+        got = _verified_sha256(path, recorded["sha256"])
         if got != recorded["sha256"] and recorded["sha256"] not in _purged_from(folder):
             raise ProvenanceError(
                 f"{path}: sha256 {got} differs from {recorded['sha256']}, the manifest {where} was trained on; "
