@@ -117,7 +117,8 @@ def run_unlearn(checkpoint: str | Path, requests: list[Request], *, action: str 
     verb = {"erase": "erased", "suppress": "suppressed (weights kept)", "restore": "restored"}[action]
     say(f"{verb} {len(act)} source(s): new checkpoint {w.path} ({len(w.files)} sink files rewritten, "
         f"{w.linked} files hard-linked, {w.copied} copied)" + ("; latest now names it" if w.latest_updated else ""))
-    say(f"receipt {outcome.receipt_path}\nreceipt sha256 {outcome.receipt_sha256}")
+    say(f"receipt {outcome.receipt_path}")
+    say(f"receipt sha256 {outcome.receipt_sha256}")
     for note in w.notes:
         say(f"note: {note}")
     if action == "erase":
