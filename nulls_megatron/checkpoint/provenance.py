@@ -9,25 +9,17 @@ the checkpoint recorded none.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+from .digests import sha256_of
+
 MANIFEST_NAME = "manifest.parquet"  # data_prep.manifest.MANIFEST_NAME; kept here so training imports no data_prep
 LINEAGE = "manifest_lineage.json"  # written by nulls_megatron.unlearn.purge
-_BLOCK = 1 << 24
 
 
 class ProvenanceError(ValueError):
     """The sources manifest of a checkpoint is missing or is not the one it was trained on."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _verified_sha256(path: Path, expected: str) -> str:
@@ -44,7 +36,7 @@ def _verified_sha256(path: Path, expected: str) -> str:
             return expected
     except (OSError, ValueError):
         pass
-    got = _sha256(path)
+    got = sha256_of(path).sha256
     if got == expected:
         try:
             tmp = note.with_name(note.name + f".tmp-{os.getpid()}")
@@ -62,7 +54,7 @@ def describe_sources_manifest(prep_dir: str | os.PathLike) -> dict | None:
         return None
     import pyarrow.parquet as pq  # here: training on data without a manifest needs no pyarrow
 
-    return {"dir": str(path.parent.resolve()), "sha256": _sha256(path),
+    return {"dir": str(path.parent.resolve()), "sha256": sha256_of(path).sha256,
             "sources": int(pq.ParquetFile(path).metadata.num_rows)}
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save
 from ..sinks.assignment import ID_LIMIT
 from ..sinks.table import SinkTable
 from .atomic import atomic_file
+from .digests import sha256_of
 from .json_files import read_versioned_json
 
 __all__ = [
@@ -42,7 +43,6 @@ FORMAT_VERSION = 1
 SINKS_DIR = "sinks"
 MANIFEST = "manifest.json"
 OPTIM_PREFIX = "optim."
-_HASH_CHUNK = 1 << 24
 
 OptimizerState = dict[str, dict[str, torch.Tensor]]
 
@@ -119,11 +119,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_of(path).sha256
 
 
 def _common(tables: Sequence[SinkTable]) -> dict:

@@ -18,7 +18,6 @@ never sit in memory as float32.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.atomic import atomic_dir
+from ..checkpoint.digests import sha256_of
 from .embedder import DIM, MODEL_NAME
 
 FORMAT = "nulls-routing-index"
@@ -39,7 +39,6 @@ EMBEDDINGS = "embeddings.safetensors"
 KINDS = ("title", "opening")
 CHUNK_ROWS = 32768  # source rows converted to float32 at a time (48 MiB at dim 384)
 QUERY_BLOCK = 1024  # queries scored against one chunk at a time (128 MiB of scores)
-_HASH_BLOCK = 1 << 24
 
 
 class RoutingIndexError(ValueError):
@@ -104,15 +103,7 @@ class EmbeddingWriter:
         if isinstance(self._rows, np.memmap):
             self._rows.flush()
         del self._rows
-        return sha256_file(self.path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_of(self.path).sha256
 
 
 @contextlib.contextmanager
@@ -195,7 +186,7 @@ class SourceIndex:
                 f"checkpoint's sources manifest is {manifest_sha256}: its rows may name other sources; "
                 f"rebuild it with `{hint}`")
         embeddings = read_embeddings(folder / info.get("embeddings", EMBEDDINGS), int(info["sources"]), hint)
-        if verify and (got := sha256_file(folder / info["embeddings"])) != info.get("embeddings_sha256"):
+        if verify and (got := sha256_of(folder / info["embeddings"]).sha256) != info.get("embeddings_sha256"):
             raise RoutingIndexError(f"{folder / info['embeddings']}: sha256 {got} differs from {path}'s "
                                     f"{info.get('embeddings_sha256')}; rebuild it with `{hint}`")
         return cls(folder, info, embeddings)
