@@ -157,10 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from .checkpoint import cli as checkpoint_cli
+    from .export import cli as export_cli
     from .unlearn import cli as unlearn_cli
 
     unlearn_cli.register(sub)
     checkpoint_cli.register(sub)
+    export_cli.register(sub)
     return parser
 
 
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         print(f"nulls {args.command}: error: {err}", file=sys.stderr)
         return 2
 
