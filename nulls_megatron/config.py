@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "masked")
+RECOMPUTE_MODES = ("none", "full", "selective")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ModelConfig:
     # auto (flex on CUDA, sdpa on CPU) | sdpa | flex | masked (Megatron's unfused masked softmax,
     # the reference): how packed rows get block-diagonal causal attention (docs/model.md)
     attention_backend: str = "auto"
+    # none | full (each layer's forward runs again in backward: one extra forward per layer, and only
+    # the layer inputs are kept) | selective (only the core attention, Megatron's; masked backend only)
+    recompute: str = "none"
 
     @property
     def head_dim(self) -> int:
@@ -209,6 +213,14 @@ def _validate(cfg: Config, origin: str) -> None:
     if m.attention_backend not in ATTENTION_BACKENDS:
         _fail(origin, "model.attention_backend",
               f"expected one of {', '.join(ATTENTION_BACKENDS)}, got {m.attention_backend!r}")
+    if m.recompute not in RECOMPUTE_MODES:
+        _fail(origin, "model.recompute", f"expected one of {', '.join(RECOMPUTE_MODES)}, got {m.recompute!r}")
+    if m.recompute == "selective" and m.attention_backend != "masked":
+        # Selective recompute re-runs only the core attention, to drop the [b, heads, s, s] softmax
+        # probabilities Megatron's unfused path keeps; SDPA's fused kernels and FlexAttention keep none.
+        _fail(origin, "model.recompute",
+              f"selective recomputes only the core attention, which saves [b, heads, s, s] probabilities on "
+              f"model.attention_backend: masked alone; with {m.attention_backend!r} use full (or none)")
     if m.num_attention_heads % m.num_query_groups:
         _fail(origin, "model.num_query_groups", f"{m.num_query_groups} does not divide model.num_attention_heads ({m.num_attention_heads})")
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:

@@ -4,8 +4,10 @@ Module-level so that spawned ranks can import them.
 """
 from __future__ import annotations
 
+import os
 import re
 
+import pytest
 import torch
 
 from nulls_megatron.config import config_from_dict
@@ -48,6 +50,23 @@ def init_single_process_megatron(tensor_parallel: int = 1, seed: int = 1234, pip
     from nulls_megatron.model.parallel import init_model_parallel
 
     init_model_parallel(ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel), seed)
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """A one-process gloo group with Megatron's model-parallel state, for in-process tests
+    (import it into a test module to use it there)."""
+    saved = dict(os.environ)
+    init_single_process_megatron()
+    yield
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    # init exports RANK/WORLD_SIZE/MASTER_PORT; left behind, they would make later subprocesses
+    # (torchrun re-exec, benchmarks) join this dead group's port instead of choosing their own.
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def gather_full(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

@@ -8,27 +8,9 @@ import torch
 from launch.local import run_local
 from nulls_megatron.sinks.mlp import NullsMLP
 from nulls_megatron.sinks.routing import SinkRouting
-from tests.nulls_gpt_helpers import gather_full, init_single_process_megatron, packed_batch, tiny_config
+from tests.nulls_gpt_helpers import gather_full, init_single_process_megatron, megatron_world, packed_batch, tiny_config  # noqa: F401 (fixture)
 
 STEPS, LR = 3, 0.5
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    """A one-process gloo group with Megatron's model-parallel state, for in-process tests."""
-    import os
-
-    saved = dict(os.environ)
-    init_single_process_megatron()
-    yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
-    # init exports RANK/WORLD_SIZE/MASTER_PORT; left behind, they would make later subprocesses
-    # (torchrun re-exec, benchmarks) join this dead group's port instead of choosing their own.
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def build(cfg=None):

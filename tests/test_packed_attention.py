@@ -7,25 +7,9 @@ import pytest
 import torch
 
 from launch.local import run_local
-from tests.nulls_gpt_helpers import SEQ, VOCAB, gather_full, init_single_process_megatron, tiny_config
+from tests.nulls_gpt_helpers import SEQ, VOCAB, gather_full, init_single_process_megatron, megatron_world, tiny_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    """A one-process gloo group with Megatron's model-parallel state (as tests/test_nulls_gpt.py)."""
-    import os
-
-    saved = dict(os.environ)
-    init_single_process_megatron()
-    yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def config(backend: str, tensor_parallel: int = 1):

@@ -1,4 +1,5 @@
-"""Pipeline parallelism: source ids reach every stage, and PP=2 trains exactly like PP=1."""
+"""Pipeline parallelism: source ids reach every stage, and PP=2 trains exactly like PP=1 (also with
+activation recompute, which under 1F1B replays each micro-batch with its own routing)."""
 from __future__ import annotations
 
 
@@ -38,16 +39,23 @@ def pipeline_worker(rank: int, world_size: int) -> dict:
     losses_pp1 = train(reference, batches)
 
     init_single_process_megatron(pipeline_parallel=2)
-    model_parallel_seed(1234)
-    stage = build_nulls_gpt(tiny_config(per_layer_sinks=True, tie_embeddings=False, pipeline_parallel=2))
-    with torch.no_grad():
-        for name, p in stage.named_parameters():
-            p.copy_(initial[global_param_name(stage, name)])
-    layer_numbers = [mlp.sinks.layer_number for mlp in stage.nulls_mlps()]
-    losses_pp2 = train(stage, batches)
+    losses_pp2 = {}
+    # model.recompute: full under 1F1B: the first stage runs both micro-batches' forwards before their
+    # backwards, so each recomputed layer must replay its own micro-batch's routing and mask.
+    for recompute in ("none", "full"):
+        cfg = tiny_config(per_layer_sinks=True, tie_embeddings=False, pipeline_parallel=2)
+        cfg.model.recompute = recompute
+        model_parallel_seed(1234)
+        stage = build_nulls_gpt(cfg)
+        with torch.no_grad():
+            for name, p in stage.named_parameters():
+                p.copy_(initial[global_param_name(stage, name)])
+        layer_numbers = [mlp.sinks.layer_number for mlp in stage.nulls_mlps()]
+        losses_pp2[recompute] = train(stage, batches)
     return {
         "pp1": losses_pp1,
-        "pp2": losses_pp2,
+        "pp2": losses_pp2["none"],
+        "pp2_recompute": losses_pp2["full"],
         "last_stage": parallel_state.is_pipeline_last_stage(),
         "layer_numbers": layer_numbers,
     }
@@ -58,8 +66,9 @@ def test_pipeline_parallel_2_equals_1():
     first, last = results
     assert not first["last_stage"] and last["last_stage"]
     assert first["layer_numbers"] == [0] and last["layer_numbers"] == [1], "per-layer sinks follow the global layer"
-    assert first["pp2"] == [None] * STEPS
+    assert first["pp2"] == first["pp2_recompute"] == [None] * STEPS
     pp1, pp2 = last["pp1"], last["pp2"]
     assert pp1[0] > pp1[-1], "SGD steps should lower the loss on a fixed batch"
     for step, (a, b) in enumerate(zip(pp1, pp2)):
         assert abs(a - b) < 1e-5, (step, pp1, pp2)
+    assert last["pp2_recompute"] == pp2, "activation recompute changes no loss of the three steps"

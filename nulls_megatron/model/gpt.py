@@ -6,7 +6,8 @@ iterator, as it receives position ids and the attention mask), builds one
 :class:`SinkRouting` for the batch, and hands it to the model's shared
 :class:`RoutingContext`, which every NULLs MLP of the stage reads. The routing
 is built once per forward and reused by all layers; backward needs no routing
-(the sink kernel saves what it needs).
+(the sink kernel saves what it needs), except where ``model.recompute: full``
+reruns a layer, which then gets the routing of its own forward back (recompute.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .cpu_compat import apply_cpu_compat, cpu_transformer_config_overrides, pipe
 from .layer_spec import nulls_gpt_layer_spec
 from .nulls_mlp import NullsMegatronMLP, RoutingContext
 from .packed_attention import AttentionContext, PackedDotProductAttention, resolve_attention_backend
+from .recompute import ForwardContexts, NullsTransformerLayer, check_megatron_recompute
 
 
 def transformer_config(cfg: Config, **overrides) -> TransformerConfig:
@@ -52,6 +54,8 @@ def transformer_config(cfg: Config, **overrides) -> TransformerConfig:
         pipeline_dtype=torch.float32,  # activations sent between pipeline stages (bf16 on GPU: later)
         cuda_graph_scope=[],  # the default ("full") is deprecated and warns on every build
     )
+    if m.recompute == "selective":
+        kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     if apply_cpu_compat():
         kwargs.update(cpu_transformer_config_overrides())
     kwargs.update(overrides)
@@ -88,11 +92,15 @@ class NullsGPTModel(GPTModel):
         self.routing_context = RoutingContext()
         self.attention_backend = resolve_attention_backend(cfg.model.attention_backend)
         self.attention_context = AttentionContext(backend=self.attention_backend)
+        check_megatron_recompute(config, self.attention_backend)
+        contexts = ForwardContexts(self.routing_context, self.attention_context)
         for module in self.modules():
             if isinstance(module, NullsMegatronMLP):
                 module.routing_context = self.routing_context
             elif isinstance(module, PackedDotProductAttention):
                 module.attention_context = self.attention_context
+            elif isinstance(module, NullsTransformerLayer) and cfg.model.recompute == "full":
+                module.forward_contexts = contexts
 
     def nulls_mlps(self) -> list[NullsMegatronMLP]:
         return [m for m in self.modules() if isinstance(m, NullsMegatronMLP)]

@@ -13,6 +13,7 @@ from ..config import NullsConfig
 from ..sinks.assignment import assignment_from_config
 from .nulls_mlp import NullsMegatronMLP
 from .packed_attention import PackedDotProductAttention, resolve_attention_backend
+from .recompute import NullsTransformerLayer
 
 
 def nulls_gpt_layer_spec(nulls: NullsConfig, attention_backend: str = "masked") -> ModuleSpec:
@@ -23,8 +24,11 @@ def nulls_gpt_layer_spec(nulls: NullsConfig, attention_backend: str = "masked") 
     get the block-diagonal causal mask on every softmax path); ``sdpa``/``flex``/``auto``
     put :class:`PackedDotProductAttention` in its place, which reads the mask that
     ``NullsGPTModel.forward`` prepares once per micro-batch (packed_attention.py).
+    The layer is :class:`NullsTransformerLayer`: Megatron's, plus ``model.recompute: full``
+    (recompute.py).
     """
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.module = NullsTransformerLayer
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}
     if resolve_attention_backend(attention_backend) != "masked":
         spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
