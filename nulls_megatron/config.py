@@ -54,6 +54,18 @@ class ModelConfig:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
 
+ASSIGNMENTS = ("counter", "upstream")
+
+
+@dataclass
+class UpstreamConfig:
+    """The authors' sink hash (sinks/upstream.py), for checkpoints imported by ``nulls import-litgpt``."""
+
+    p_mem: float = 0.013  # each pool neuron is a source's sink with this probability (and the expected mask)
+    p_gen: float = 0.061  # backbone fraction: n_backbone = int(I * p_gen); backbone-only scale (p_gen + p_mem) / p_gen
+    id_offset: int = 49152  # upstream id of source index s: s + id_offset (Wikipedia: title index + vocab size)
+
+
 @dataclass
 class NullsConfig:
     """How the MLP width splits into backbone and sink pool, and how sinks are drawn."""
@@ -64,13 +76,21 @@ class NullsConfig:
     pool_shards: int = 1  # E: a source's sinks all lie in one of E equal shards
     seed: int = 0  # seed of the sink assignment hash (not of the weights)
     per_layer_sinks: bool = False  # False: the same sinks in every layer, as the paper
+    # counter: exactly k sinks per source from this project's hash | upstream: the authors' hash
+    # (a Bernoulli number of sinks per source), a compatibility mode for imported checkpoints
+    assignment: str = "counter"
+    upstream: UpstreamConfig | None = None  # required with assignment: upstream, refused otherwise
 
     @property
     def p_gen(self) -> float:
+        if self.assignment == "upstream" and self.upstream is not None:
+            return self.upstream.p_gen
         return self.n_backbone / (self.n_backbone + self.n_pool)
 
     @property
     def p_mem(self) -> float:
+        if self.assignment == "upstream" and self.upstream is not None:
+            return self.upstream.p_mem
         return self.sinks_per_source / self.n_pool
 
 
@@ -201,6 +221,7 @@ def _validate(cfg: Config, origin: str) -> None:
             "nulls.n_backbone + nulls.n_pool",
             f"{n.n_backbone} + {n.n_pool} = {n.n_backbone + n.n_pool} != model.ffn_hidden_size ({m.ffn_hidden_size})",
         )
+    _validate_assignment(n, m, origin)
     if n.n_pool % n.pool_shards:
         _fail(origin, "nulls.pool_shards", f"{n.pool_shards} does not divide nulls.n_pool ({n.n_pool})")
     shard = n.n_pool // n.pool_shards
@@ -236,6 +257,34 @@ def _validate(cfg: Config, origin: str) -> None:
             _fail(origin, path, f"{value} is not divisible by parallel.tensor_parallel ({tp})")
     if m.num_layers % p.pipeline_parallel:
         _fail(origin, "model.num_layers", f"{m.num_layers} is not divisible by parallel.pipeline_parallel ({p.pipeline_parallel})")
+
+
+def _validate_assignment(n: NullsConfig, m: ModelConfig, origin: str) -> None:
+    if n.assignment not in ASSIGNMENTS:
+        _fail(origin, "nulls.assignment", f"expected one of {', '.join(ASSIGNMENTS)}, got {n.assignment!r}")
+    if n.assignment == "counter":
+        if n.upstream is not None:
+            _fail(origin, "nulls.upstream", "is set but nulls.assignment is counter; the upstream hash applies only "
+                  "with nulls.assignment: upstream (remove the section, or set the assignment)")
+        return
+    u = n.upstream
+    if u is None:
+        _fail(origin, "nulls.upstream", "nulls.assignment is upstream but the section is missing: give p_mem, p_gen "
+              "and id_offset (as in the imported checkpoint's config)")
+    for name in ("p_mem", "p_gen"):
+        if not 0 < getattr(u, name) < 1:
+            _fail(origin, f"nulls.upstream.{name}", f"must be in (0, 1), got {getattr(u, name)}")
+    if u.id_offset < 0:
+        _fail(origin, "nulls.upstream.id_offset", f"must be >= 0, got {u.id_offset}")
+    # The hash has no shards and no layer salt, and upstream splits the width at int(I * p_gen).
+    if n.pool_shards != 1:
+        _fail(origin, "nulls.pool_shards", f"must be 1 with the upstream assignment (one unsharded pool), got {n.pool_shards}")
+    if n.per_layer_sinks:
+        _fail(origin, "nulls.per_layer_sinks", "must be false with the upstream assignment (the same sinks in every layer)")
+    split = int(m.ffn_hidden_size * u.p_gen)
+    if n.n_backbone != split:
+        _fail(origin, "nulls.n_backbone", f"{n.n_backbone}, but the upstream model splits its width at "
+              f"int(model.ffn_hidden_size * nulls.upstream.p_gen) = int({m.ffn_hidden_size} * {u.p_gen}) = {split}")
 
 
 def _type_name(tp: Any) -> str:

@@ -3,7 +3,8 @@
 A checkpoint trained at TP x PP is resharded into a TP=1, PP=1 model (Megatron's dist_checkpointing
 reads any layout), its sink tables loaded with their ``disabled`` flags (forgotten sources are off
 in every mode), and beside it what serving needs: the config, the sources' state, the verified
-prep folder whose manifest names the sources, and the prep's sentencepiece tokenizer.
+prep folder whose manifest names the sources, and the prep's tokenizer (sentencepiece, or the Hugging
+Face tokenizer of a checkpoint imported from litgpt).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class LoadedModel:
     model: "torch.nn.Module"  # noqa: F821  (NullsGPTModel; imported lazily with Megatron)
     cfg: Config
     sources: CheckpointSources
-    tokenizer: "sentencepiece.SentencePieceProcessor"  # noqa: F821
+    tokenizer: "sentencepiece.SentencePieceProcessor | HFTokenizer"  # noqa: F821  (routing.hf_tokenizer)
 
     @property
     def checkpoint(self) -> Path:
@@ -72,7 +73,7 @@ def load_for_inference(checkpoint: str | os.PathLike, manifest: str | os.PathLik
     tokenizer = read_tokenizer(sources.prep_dir)
     cfg = checkpoint_config(sources.checkpoint)
     if tokenizer.get_piece_size() > cfg.model.vocab_size:
-        raise ValueError(f"{sources.prep_dir / 'tokenizer.model'}: {tokenizer.get_piece_size()} pieces, more than "
+        raise ValueError(f"{sources.prep_dir}: its tokenizer has {tokenizer.get_piece_size()} pieces, more than "
                          f"the model's vocab_size {cfg.model.vocab_size}: not the tokenizer it was trained with")
     init_model_parallel(cfg.parallel, cfg.seed)
     model = build_nulls_gpt(cfg)

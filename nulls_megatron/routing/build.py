@@ -71,14 +71,20 @@ def checkpoint_sources(checkpoint: str | os.PathLike, manifest: str | os.PathLik
 
 
 def read_tokenizer(prep_dir: Path):
-    """The prep's sentencepiece processor (``tokenizer.model`` beside the manifest)."""
-    from data_prep.tokenizer import processor
+    """The tokenizer beside the manifest: the prep's sentencepiece processor (``tokenizer.model``), or
+    for a checkpoint imported from litgpt its Hugging Face tokenizer (``hf_tokenizer/``, same methods)."""
+    from .hf_tokenizer import HF_TOKENIZER_DIR, HFTokenizer, is_hf_tokenizer_dir
 
     path = prep_dir / TOKENIZER_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no sentencepiece tokenizer in the prep folder (was it prepared "
-                                "with raw byte tokens?)")
-    return processor(path.read_bytes())
+    if path.is_file():
+        from data_prep.tokenizer import processor
+
+        return processor(path.read_bytes())
+    if is_hf_tokenizer_dir(prep_dir / HF_TOKENIZER_DIR):
+        return HFTokenizer(prep_dir / HF_TOKENIZER_DIR)
+    raise FileNotFoundError(f"{prep_dir}: no tokenizer: neither a sentencepiece {TOKENIZER_NAME} (written by "
+                            f"`nulls prep`; absent when it prepared raw byte tokens) nor a Hugging Face tokenizer "
+                            f"in {HF_TOKENIZER_DIR}/ (written by `nulls import-litgpt`)")
 
 
 def title_batches(prep_dir: Path, batch: int = BATCH) -> Iterator[tuple[np.ndarray, list[str]]]:

@@ -36,11 +36,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 import torch
 
-__all__ = ["SinkAssignment", "mix32", "hash_words", "TAG_SHARD", "TAG_SINK"]
+from .upstream import UpstreamAssignment
+
+__all__ = ["Assignment", "SinkAssignment", "assignment_from_config", "assignment_from_dict", "mix32", "hash_words",
+           "TAG_SHARD", "TAG_SINK"]
 
 MASK32 = 0xFFFFFFFF
 IV = 0x6A09E667
@@ -155,9 +159,25 @@ class SinkAssignment:
         if not 0 <= self.seed < ID_LIMIT:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
 
+    variable_sinks = False  # class attribute, not a field: exactly k rows per source, never padded
+
     @property
     def shard_size(self) -> int:
         return self.n_pool // self.n_shards
+
+    @property
+    def max_sinks(self) -> int:
+        """Rows per source (the width of ``sinks_of``): k."""
+        return self.sinks_per_source
+
+    @property
+    def p_mem(self) -> float:
+        """The expected mask of a sink, k / n_pool (the expected mode's constant)."""
+        return self.sinks_per_source / self.n_pool
+
+    def p_gen_of(self, n_backbone: int) -> float:
+        """The backbone fraction n_backbone / (n_backbone + n_pool) of the backbone-only scale."""
+        return n_backbone / (n_backbone + self.n_pool)
 
     def _layer_word(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < MASK32:
@@ -298,8 +318,15 @@ class SinkAssignment:
         return mask.scatter_(1, rows, True)
 
 
-def assignment_from_config(nulls) -> SinkAssignment:
-    """The assignment a :class:`nulls_megatron.config.NullsConfig` describes."""
+Assignment = Union[SinkAssignment, UpstreamAssignment]
+
+
+def assignment_from_config(nulls) -> Assignment:
+    """The assignment a :class:`nulls_megatron.config.NullsConfig` describes (``nulls.assignment``:
+    ``counter``, this module's, or ``upstream``, the authors' hash for imported checkpoints)."""
+    if nulls.assignment == "upstream":
+        u = nulls.upstream
+        return UpstreamAssignment(n_pool=nulls.n_pool, p_mem=u.p_mem, p_gen=u.p_gen, id_offset=u.id_offset)
     return SinkAssignment(
         n_pool=nulls.n_pool,
         sinks_per_source=nulls.sinks_per_source,
@@ -307,3 +334,11 @@ def assignment_from_config(nulls) -> SinkAssignment:
         seed=nulls.seed,
         per_layer=nulls.per_layer_sinks,
     )
+
+
+def assignment_from_dict(fields: dict) -> Assignment:
+    """The assignment a sink manifest records (``dataclasses.asdict`` of one); upstream ones carry
+    ``scheme: upstream``, counter-based ones no scheme (as every checkpoint written before)."""
+    if fields.get("scheme") == "upstream":
+        return UpstreamAssignment(**fields)
+    return SinkAssignment(**fields)

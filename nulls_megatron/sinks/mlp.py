@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assignment import SinkAssignment
+from .assignment import Assignment
 from .routing import SinkRouting
 from .table import InitMethod, SinkTable, normal_init
 
@@ -26,7 +26,7 @@ class NullsMLP(nn.Module):
         self,
         hidden_size: int,
         n_backbone: int,
-        assignment: SinkAssignment,
+        assignment: Assignment,
         layer_number: int = 0,
         init_method: InitMethod | None = None,
         output_init_method: InitMethod | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .assignment import SinkAssignment
+from .assignment import Assignment
 from .routing import SinkMode, SinkRouting
 from .table import SinkTable
 
@@ -31,7 +31,7 @@ def neuron_mask(
     ``token_sources`` are the per-token ids the routing was built from (train:
     the tokens' own sources; route: the chosen ones); unused otherwise.
     """
-    a: SinkAssignment = sinks.assignment
+    a: Assignment = sinks.assignment
     live = (~sinks.disabled).float()
     backbone = torch.full((num_tokens, sinks.n_backbone), sinks.backbone_scale(routing))
     if routing.mode is SinkMode.BACKBONE:

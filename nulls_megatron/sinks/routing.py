@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .assignment import SinkAssignment
+from .assignment import Assignment
 
 
 class SinkMode(str, enum.Enum):
@@ -69,7 +69,7 @@ class RoutingPlan:
     def group_sizes(self) -> list[int]:
         return [hi - lo for lo, hi in zip(self.offsets[:-1], self.offsets[1:])]
 
-    def rows(self, assignment: SinkAssignment, layer: int) -> torch.Tensor:
+    def rows(self, assignment: Assignment, layer: int) -> torch.Tensor:
         """Global pool rows [U, k] of each group's source, cached per batch.
 
         Without per-layer sinks every layer shares one entry of the cache.

@@ -5,7 +5,8 @@ weight (a row of W1), its up weight (a row of W3) and its down weight (a column
 of W2). Storing a neuron's three slices together lets a source's ``k`` sinks be
 gathered in one ``index_select`` (and sharded by rows across devices like an
 embedding table). ``disabled`` marks the sinks of forgotten sources; they are
-off in every mode.
+off in every mode. With the upstream assignment (a varying number of sinks per
+source) a group's rows are padded with -1; padding gets a zero gate.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from kernels.grouped_sink_swiglu import grouped_sink_swiglu
 
-from .assignment import SinkAssignment
+from .assignment import Assignment
 from .routing import SinkMode, SinkRouting
 
 InitMethod = Callable[[torch.Tensor], object]
@@ -30,7 +31,7 @@ def normal_init(std: float) -> InitMethod:
 class SinkTable(nn.Module):
     def __init__(
         self,
-        assignment: SinkAssignment,
+        assignment: Assignment,
         hidden_size: int,
         n_backbone: int,
         layer_number: int = 0,
@@ -66,11 +67,11 @@ class SinkTable(nn.Module):
 
     @property
     def p_mem(self) -> float:
-        return self.assignment.sinks_per_source / self.assignment.n_pool
+        return self.assignment.p_mem
 
     @property
     def p_gen(self) -> float:
-        return self.n_backbone / (self.n_backbone + self.assignment.n_pool)
+        return self.assignment.p_gen_of(self.n_backbone)
 
     def backbone_scale(self, routing: SinkRouting) -> float:
         """Factor on the backbone activations: (p_gen + p_mem) / p_gen in backbone-only mode, else 1."""
@@ -90,13 +91,20 @@ class SinkTable(nn.Module):
         plan = routing.plan
         routing.check_tokens(x.shape[0])
         rows = plan.rows(self.assignment, self.layer_number)
-        gates = (~self.disabled[rows]).to(x.dtype)
+        if self.assignment.variable_sinks:
+            # Padding (-1) gathers row 0 under a zero gate: it adds exact zeros, forward and backward.
+            live = rows >= 0
+            rows = rows.clamp(min=0)
+            gates = (live & ~self.disabled[rows]).to(x.dtype)
+        else:
+            gates = (~self.disabled[rows]).to(x.dtype)
         return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base)
 
     def extra_repr(self) -> str:
         a = self.assignment
         return (
-            f"n_pool={a.n_pool}, k={a.sinks_per_source}, shards={a.n_shards}, d={self.hidden_size}, "
+            f"n_pool={a.n_pool}, k={'upstream' if a.variable_sinks else a.sinks_per_source}, "
+            f"shards={a.n_shards}, d={self.hidden_size}, "
             f"layer={self.layer_number}, disabled={int(self.disabled.sum())}"
         )
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..sinks.assignment import SinkAssignment
+from ..sinks.assignment import Assignment
 from .packing import PackedRows
 
 
-def sink_statistics(batches: list[PackedRows], assignment: SinkAssignment,
+def sink_statistics(batches: list[PackedRows], assignment: Assignment,
                     dp_group: dist.ProcessGroup | None = None) -> dict[str, float]:
     sources = torch.cat([b.source_ids.reshape(-1) for b in batches])
     mask = torch.cat([b.loss_mask.reshape(-1) for b in batches]) > 0
@@ -36,7 +36,8 @@ def sink_statistics(batches: list[PackedRows], assignment: SinkAssignment,
     else:
         unique = local_sources
     ids = torch.tensor(unique, dtype=torch.int64)
-    live = int(torch.unique(assignment.sinks_of(ids)).numel()) if unique else 0
+    rows = torch.unique(assignment.sinks_of(ids)) if unique else torch.zeros(0, dtype=torch.int64)
+    live = int((rows >= 0).sum())  # the upstream assignment pads rows with -1
     stats = {"sink/sources": float(len(unique)), "sink/live_sinks": float(live),
              "sink/live_fraction": live / assignment.n_pool}
     stats.update({f"sink/tokens_shard_{e:03d}": float(v) for e, v in enumerate(per_shard.tolist())})

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..checkpoint.atomic import LATEST, checkpoint_version, read_latest, version_name
 from ..checkpoint.sinks import (MANIFEST, SINKS_DIR, SinkCheckpointError, SourceState, read_sink_manifest,
                                 sha256_file, source_state)
-from ..sinks.assignment import SinkAssignment
+from ..sinks.assignment import Assignment, assignment_from_dict
 
 TRAIN_STATE = "train_state.json"
 RECEIPTS_DIR = "receipts"
@@ -26,8 +26,8 @@ class CheckpointView:
     state: SourceState
 
     @property
-    def assignment(self) -> SinkAssignment:
-        return SinkAssignment(**self.manifest["assignment"])
+    def assignment(self) -> Assignment:
+        return assignment_from_dict(self.manifest["assignment"])
 
     @property
     def layers(self) -> list[int]:

@@ -17,28 +17,29 @@ from typing import Iterable
 
 import numpy as np
 
-from ..sinks.assignment import SinkAssignment
+from ..sinks.assignment import Assignment
 from .sink_index import SinkRows
 
 
-def rows_of(assignment: SinkAssignment, sources: Iterable[int], layer: int) -> np.ndarray:
+def rows_of(assignment: Assignment, sources: Iterable[int], layer: int) -> np.ndarray:
     """Sorted distinct global pool rows of ``sources`` in ``layer``."""
     ids = np.asarray(sorted(set(int(s) for s in sources)), dtype=np.int64)
     if not len(ids):
         return np.zeros(0, dtype=np.int64)
-    return np.unique(assignment.sinks_of_np(ids, layer=layer))
+    rows = np.unique(assignment.sinks_of_np(ids, layer=layer))
+    return rows[rows >= 0]  # the upstream assignment pads its rows with -1
 
 
-def layer_groups(assignment: SinkAssignment, layers: list[int]) -> list[list[int]]:
+def layer_groups(assignment: Assignment, layers: list[int]) -> list[list[int]]:
     """Layers that share their rows: all of them, or each alone with per-layer sinks."""
     return [[layer] for layer in layers] if assignment.per_layer else [list(layers)]
 
 
-def compute_collateral(assignment: SinkAssignment, layers: list[int], n_sources: int, request: Iterable[int],
+def compute_collateral(assignment: Assignment, layers: list[int], n_sources: int, request: Iterable[int],
                        already_off: Iterable[int], rows: SinkRows) -> dict:
     request = sorted(set(int(s) for s in request))
     off = sorted(set(int(s) for s in already_off) - set(request))
-    k, n_pool, size = assignment.sinks_per_source, assignment.n_pool, assignment.shard_size
+    k, n_pool, size = assignment.max_sinks, assignment.n_pool, assignment.shard_size
     excluded = np.zeros(n_sources, dtype=bool)
     excluded[[s for s in off + request if s < n_sources]] = True
     retained = int(n_sources - excluded.sum())
@@ -49,16 +50,22 @@ def compute_collateral(assignment: SinkAssignment, layers: list[int], n_sources:
         to_zero = np.setdiff1d(new, before)
         after = np.union1d(new, before)
         # bit 0: a row zeroed now; bit 1: a row off after this deletion. One gather per source row.
-        code = np.zeros(n_pool, dtype=np.uint8)
+        # The extra last entry stays 0: it is what padding (row -1, upstream assignment) reads.
+        code = np.zeros(n_pool + 1, dtype=np.uint8)
         code[to_zero] |= 1
         code[after] |= 2
         hist_now = np.zeros(k + 1, dtype=np.int64)
         hist_total = np.zeros(k + 1, dtype=np.int64)
+        lost_all = 0
         for start, block in rows.chunks(layer):
             g = code[block]
             keep = ~excluded[start:start + len(block)]
+            total = (g >> 1).sum(1, dtype=np.int64)
             hist_now += np.bincount((g & 1).sum(1, dtype=np.int64)[keep], minlength=k + 1)
-            hist_total += np.bincount((g >> 1).sum(1, dtype=np.int64)[keep], minlength=k + 1)
+            hist_total += np.bincount(total[keep], minlength=k + 1)
+            # A source loses all its sinks when every row it owns is off (it owns k, or a varying number).
+            own = (block >= 0).sum(1, dtype=np.int64) if assignment.variable_sinks else k
+            lost_all += int(((total == own) & (total > 0))[keep].sum())
         lost = np.arange(k + 1)
         groups.append({
             "layers": group,
@@ -73,18 +80,21 @@ def compute_collateral(assignment: SinkAssignment, layers: list[int], n_sources:
             "sinks_lost_total_histogram": {str(i): int(c) for i, c in enumerate(hist_total) if i and c},
             "mean_sinks_lost_total": float((lost * hist_total).sum() / retained) if retained else 0.0,
             "max_sinks_lost_total": int(lost[hist_total > 0].max()) if hist_total.any() else 0,
-            "retained_lost_all_sinks": int(hist_total[k]),
+            "retained_lost_all_sinks": lost_all,
         })
+    # With the upstream assignment the number of sinks varies per source: no single k to report.
+    per_source = {"k": None, "p_mem": assignment.p_mem} if assignment.variable_sinks else {"k": k}
     return {"n_sources": n_sources, "retained_sources": retained, "sources_requested": request,
-            "sources_already_off": off, "k": k, "n_pool": n_pool, "n_shards": assignment.n_shards,
+            "sources_already_off": off, **per_source, "n_pool": n_pool, "n_shards": assignment.n_shards,
             "per_layer_sinks": assignment.per_layer, "groups": groups}
 
 
 def format_collateral(c: dict) -> str:
     """The collateral as a terminal table."""
     k = c["k"]
+    each = f"k = {k} sinks each" if k is not None else f"upstream hash: each sink with p_mem = {c['p_mem']}"
     lines = [f"collateral: forgetting {len(c['sources_requested'])} source(s) among {c['n_sources']:,} "
-             f"({c['retained_sources']:,} retained; k = {k} sinks each, pool {c['n_pool']:,} rows in {c['n_shards']} shard(s))",
+             f"({c['retained_sources']:,} retained; {each}, pool {c['n_pool']:,} rows in {c['n_shards']} shard(s))",
              f"  {'layers':<12}{'rows to zero':>13}{'pool off before':>17}{'after':>8}"
              f"{'retained sharing':>18}{'mean lost':>11}{'max lost':>10}{'lost all':>10}"]
     for g in c["groups"]:
@@ -98,7 +108,8 @@ def format_collateral(c: dict) -> str:
     lines.append(f"  retained sources losing sinks now (layers {_layers(first)}): {hist or 'none'}")
     if first["request_rows_already_off"]:
         lines.append(f"  {first['request_rows_already_off']} of the request's rows were already off")
-    lines.append("  (mean/max/all: sinks lost in total after this deletion, of k; 'lost all' run on the backbone alone)")
+    of = "of k" if k is not None else "of the source's own"
+    lines.append(f"  (mean/max/all: sinks lost in total after this deletion, {of}; 'lost all' run on the backbone alone)")
     return "\n".join(lines)
 
 

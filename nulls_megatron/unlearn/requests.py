@@ -53,15 +53,21 @@ class ResolvedSource:
         return asdict(self)
 
 
+def read_utf8(path: str | Path, what: str) -> str:
+    """The text of a file a user names (``what``: "request file", ...), with errors that name it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def parse_request_file(path: str | Path) -> list[Request]:
     """The requests of a ``--from-file`` file; an empty file (no request line) is an error."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: request file not found") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    text = read_utf8(path, "request file")
     requests = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("title:") else raw.strip()
