@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn_cli.register(sub)
     checkpoint_cli.register(sub)
     export_cli.register(sub)
+    from .eval import cli as eval_cli; eval_cli.register(sub)  # noqa: E702  (nulls eval)
     from .export import litgpt_cli; litgpt_cli.register(sub)  # noqa: E702  (nulls import-litgpt)
     return parser
 

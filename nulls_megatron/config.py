@@ -142,6 +142,8 @@ class TrainConfig:
     log_every: int = 1  # steps between progress lines and metric records
     verify_shards: bool = True  # sha256 of every shard against the index when first opened
     max_document_tokens: int = 0  # cut every document to this many tokens (0: whole documents)
+    # Sources whose documents are never fed: a retrained oracle is the same run with the forget set here.
+    exclude_sources: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -198,6 +198,7 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
     if resumed is not None and int(read_train_state(resumed)["step"]) >= cfg.train.steps:
         return _finished(resumed, cfg.train.steps, rank)
     off = source_state(read_sink_manifest(resumed)).off_sources() if resumed is not None else []
+    off = sorted(set(off) | set(cfg.train.exclude_sources))
     loader = PrefetchLoader(PackedLoader(
         cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows, vocab_size=cfg.model.vocab_size,
         seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world, verify=cfg.train.verify_shards,

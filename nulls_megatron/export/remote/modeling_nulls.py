@@ -103,7 +103,8 @@ class NullsForCausalLM(LlamaForCausalLM):
         scores[:, self.source_forgotten.to(scores.device)] = -torch.inf
         return scores.argmax(dim=-1)
 
-    def _sequence_sources(self, input_ids: torch.Tensor, source_ids, first_step: bool) -> torch.Tensor:
+    def _sequence_sources(self, input_ids: torch.Tensor, source_ids, first_step: bool,
+                          allow_forgotten: bool) -> torch.Tensor:
         batch = input_ids.shape[0]
         if source_ids is None:
             if first_step or self._routed is None or self._routed.shape[0] != batch:
@@ -117,12 +118,15 @@ class NullsForCausalLM(LlamaForCausalLM):
             raise ValueError(f"source_ids: one id per sequence ({batch}), got {sources.numel()}")
         if ((sources < 0) | (sources >= self.config.n_sources)).any():
             raise ValueError(f"source_ids {sources.tolist()} outside [0, {self.config.n_sources})")
-        if self.source_forgotten[sources].any():
+        if not allow_forgotten and self.source_forgotten[sources].any():
             raise ValueError(f"source_ids {sources[self.source_forgotten[sources]].tolist()} were forgotten; "
                              "omit source_ids to route to the nearest surviving source")
         return sources
 
-    def forward(self, input_ids=None, source_ids=None, sink_mode: str = "route", past_key_values=None, **kwargs):
+    def forward(self, input_ids=None, source_ids=None, sink_mode: str = "route", past_key_values=None,
+                allow_forgotten: bool = False, **kwargs):
+        """``allow_forgotten``: route to a forgotten source anyway (its rows are zero: what an evaluation
+        of the forgetting measures); refused by default, as asking for it is usually a mistake."""
         if sink_mode not in MODES:
             raise ValueError(f"sink_mode must be one of {MODES}, got {sink_mode!r}")
         rows = None
@@ -130,7 +134,7 @@ class NullsForCausalLM(LlamaForCausalLM):
             if input_ids is None:
                 raise ValueError("route mode needs input_ids (to route) or pass sink_mode='expected'")
             first = past_key_values is None or past_key_values.get_seq_length() == 0
-            sources = self._sequence_sources(input_ids, source_ids, first)
+            sources = self._sequence_sources(input_ids, source_ids, first, allow_forgotten)
             rows = self.sink_rows[..., sources.to(self.sink_rows.device), :]
         for i, layer in enumerate(self.model.layers):
             layer.mlp.mode = sink_mode
