@@ -119,7 +119,8 @@ def test_eval_against_a_retrained_oracle_end_to_end(trained_run, oracle, tmp_pat
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(run.run_dir), "--group", FORGET_GROUP, "--holdout", str(_holdout(tmp_path)),
                  "--oracle", str(oracle), "--out", str(out), "--tracking-uri", f"sqlite:///{db}",
-                 "--verbmem-tokens", "24", "--retain-docs", "20"]) == 0
+                 "--verbmem-tokens", "24", "--retain-docs", "20", "--baselines", "ga,npo", "--baseline-steps", "3",
+                 "--relearn-steps", "2", "--sustainability", "1,2"]) == 0
     assert (run.root / "latest").read_text() == latest  # the user's run is untouched: unlearned into OUT
     assert (out / "unlearned" / "receipts").is_dir()
     result = json.loads((out / "eval.json").read_text())
@@ -139,6 +140,14 @@ def test_eval_against_a_retrained_oracle_end_to_end(trained_run, oracle, tmp_pat
         assert 0.0 <= result["verbmem"][role] <= 1.0
         assert 0.0 <= result["privleak"][role]["auc_min_k_plus_plus"] <= 1.0
     assert "privleak_min_k_plus_plus" in result["privleak"]
+    # The studies: post-hoc baselines raise the forget loss; relearning curves have one point per step.
+    for name in ("nulls+ga", "nulls+npo"):
+        assert result["baselines"]["losses"][name]["forget"] > before["forget"]
+    curves = result["relearning"]["curves"]
+    assert set(curves) == {"nulls", "oracle", "nulls+ga", "nulls+npo"} and all(len(c["curve"]) == 3 for c in curves.values())
+    assert [r["forgotten"] for r in result["sustainability"]] == [0, 1, 2]
+    assert (out / "relearning.png").is_file() and (out / "sustainability" / "sustainability.png").is_file()
+    assert "## Relearning attack" in (out / "eval.md").read_text()
     assert (out / "losses.png").stat().st_size > 10_000 and "| backbone only |" in (out / "eval.md").read_text()
     with sqlite3.connect(db) as con:
         metrics_logged = {k for (k,) in con.execute("select key from metrics where run_uuid = ?", (result["mlflow_run_id"],))}

@@ -26,7 +26,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     req = EvalRequest(model=args.model, forget=requests, holdout=args.holdout, out=Path(args.out), oracle=args.oracle,
                       train_oracle=args.train_oracle, before=args.before, manifest=args.manifest,
                       tracking_uri=args.tracking_uri, experiment=args.experiment, oracle_nproc=args.oracle_nproc)
-    result = run_eval(req, options)
+    from .studies import baselines_and_relearning, sustainability_study
+
+    extras = []
+    methods = [m for m in args.baselines.split(",") if m] if args.baselines else []
+    if methods or args.relearn_steps:
+        extras.append(lambda index: baselines_and_relearning(methods, args.relearn_steps, index, args.dense,
+                                                             args.baseline_steps))
+    if args.sustainability:
+        sizes = [int(x) for x in args.sustainability.split(",")]
+        extras.append(lambda index: sustainability_study(sizes))
+    result = run_eval(req, options, extras=extras)
     print(markdown(result))
     return 0
 
@@ -61,5 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", metavar="PREP_DIR", help="prep folder, when it moved since training")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment", default="nulls-eval", help="MLflow experiment (default: %(default)s)")
+    p.add_argument("--baselines", help="post-hoc unlearning baselines applied to the model before unlearning: "
+                   "ga, npo or ga,npo")
+    p.add_argument("--baseline-steps", type=int, default=20, help="fine-tuning steps of each baseline (default: %(default)s)")
+    p.add_argument("--dense", help="a standard transformer of the same active size (a checkpoint; see "
+                   "docs/evaluation.md): the baselines are applied to it too")
+    p.add_argument("--relearn-steps", type=int, default=0,
+                   help="run the relearning attack for this many steps (0: skip; the paper's: 30)")
+    p.add_argument("--sustainability", metavar="N,N,...",
+                   help="forget this many sources in sequence (e.g. 1,10,100) and plot the retained loss")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)

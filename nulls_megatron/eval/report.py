@@ -55,9 +55,24 @@ def markdown(result: dict) -> str:
     kinds = result["truth_ratio"]["kinds"]
     lines += ["", f"Truth Ratio over {result['truth_ratio']['probes']} cloze probes ({kinds['unique']} unique, "
                   f"{kinds['shared']} shared): below 1 the model prefers the true completion."]
-    for extra in ("relearning", "baselines", "sustainability"):
-        if extra in result:
-            lines += ["", f"## {extra.capitalize()}", "", "```json", json.dumps(result[extra], indent=1)[:4000], "```"]
+    if "baselines" in result:
+        lines += ["", f"## Post-hoc baselines ({result['baselines']['steps']} steps)", "",
+                  "| model | forget | retain | holdout (backbone) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {_f(v['forget'])} | {_f(v['retain'])} | {_f(v['holdout'])} |"
+                  for name, v in result["baselines"]["losses"].items()]
+    if "relearning" in result:
+        rel = result["relearning"]
+        lines += ["", "## Relearning attack", "",
+                  f"Second-half loss before unlearning: {_f(rel['before_second_half_loss'])}.", "",
+                  "| model | mode | start | after last step | steps to halfway back |", "|---|---|---|---|---|"]
+        for name, c in rel["curves"].items():
+            steps = c["steps_to_halfway"]
+            reached = str(steps) if steps is not None else f"not within {len(c['curve']) - 1}"
+            lines.append(f"| {name} | {c['mode']} | {_f(c['curve'][0])} | {_f(c['curve'][-1])} | {reached} |")
+    if "sustainability" in result:
+        lines += ["", "## Sustainability", "", "| sources forgotten | retained loss | pool zeroed |", "|---|---|---|"]
+        lines += [f"| {r['forgotten']} | {_f(r['retained_loss'])} | {100 * r['zeroed_fraction']:.1f}% |"
+                  for r in result["sustainability"]]
     return "\n".join(lines) + "\n"
 
 

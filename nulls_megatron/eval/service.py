@@ -98,11 +98,12 @@ def read_sets(models: EvalModels, sources: CheckpointSources, holdout: str, opti
 
 
 def run_eval(req: EvalRequest, options: EvalOptions, say: Callable[[str], None] = print,
-             extras: Sequence[Callable[[EvalModels, EvalSets, dict], list[Path]]] = ()) -> dict:
+             extras: Sequence[Callable[[SourceIndex], Callable[[EvalModels, EvalSets, dict], list[Path]]]] = ()
+             ) -> dict:
     """Evaluate and write ``eval.json``, ``eval.md`` and plots into ``req.out``; log them to MLflow.
 
-    ``extras``: further studies (relearning, baselines, sustainability) that add to the result and
-    return the plots they wrote."""
+    ``extras``: further studies (eval/studies.py), each made from the routing index, that add to the
+    result and return the plots they wrote."""
     req.out.mkdir(parents=True, exist_ok=True)
     models, sources = resolve_models(req, say)
     if not models.forget:
@@ -112,11 +113,13 @@ def run_eval(req: EvalRequest, options: EvalOptions, say: Callable[[str], None] 
         raise ValueError(f"no document of the forget sources {models.forget[:10]} in {sources.prep_dir}")
     say(f"eval: {sets.describe()}")
     index = _routing_index(sources, say)
+    extras = [make(index) for make in extras]
     result = evaluate(models, sets, index, options, texts=lambda docs: [models.after.decode(d.tokens) for d in docs],
                       say=say)
     result["models"] = {role: str(m.loaded.checkpoint) if isinstance(m, CheckpointModel) else m.name
                         for role, m in (("after", models.after), ("before", models.before), ("oracle", models.oracle))
                         if m is not None}
+    result["out"] = str(req.out)
     plots = []
     for extra in extras:
         plots += extra(models, sets, result)
