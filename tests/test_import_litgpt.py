@@ -349,3 +349,17 @@ def test_verify_generate_and_unlearn_by_title(imported, capsys):
         assert data["weight"][others].abs().sum(dim=(1, 2)).gt(0).all() and not data["disabled"][others].any()
     assert main(["verify-unlearned", str(new), "--title", titles[4]]) == 0
     assert "upstream hash: each sink with p_mem = 0.1" in capsys.readouterr().out
+
+
+def test_imported_checkpoint_exports_equal_logits_in_every_mode(imported, tmp_path):
+    """The authors' model leaves the system too: its HF tokenizer is carried over, and a source with
+    fewer sinks than another routes exactly in the routed export (-1 padding)."""
+    from transformers import AutoTokenizer
+
+    from tests.test_export import _assert_equal_in_every_mode
+
+    base, _, titles, loaded = imported
+    _assert_equal_in_every_mode(loaded, base / "out", tmp_path, sources=(0, 5, 11))  # unequal sink counts
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "expected")
+    sentence = "The school was founded in 2016"
+    assert tokenizer(sentence, add_special_tokens=False)["input_ids"] == loaded.tokenizer.encode(sentence)

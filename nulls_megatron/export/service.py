@@ -59,7 +59,7 @@ def _build_hf_model(cfg, state: dict, intermediate: int, special_ids: dict, mode
         from .remote.modeling_nulls import NullsForCausalLM
 
         n = cfg.nulls
-        config = NullsConfig(n_pool=n.n_pool, sinks_per_source=n.sinks_per_source, p_mem=n.p_mem, p_gen=n.p_gen,
+        config = NullsConfig(n_pool=n.n_pool, sinks_per_source=routed_extra["sink_rows"].shape[-1], p_mem=n.p_mem, p_gen=n.p_gen,
                              n_sources=routed_extra["n_sources"], per_layer_sinks=n.per_layer_sinks,
                              **_llama_kwargs(cfg, intermediate, special_ids))
         NullsConfig.register_for_auto_class()
@@ -77,6 +77,25 @@ def _build_hf_model(cfg, state: dict, intermediate: int, special_ids: dict, mode
                            f"{unexpected[:8]}")
     model.tie_weights()
     return model.eval()
+
+
+def _export_tokenizer(prep_dir: Path, out: Path, model_max_length: int) -> dict:
+    """The prep's sentencepiece model converted, or (an imported litgpt checkpoint) its Hugging Face
+    tokenizer folder copied as it is."""
+    from ..routing.hf_tokenizer import HF_TOKENIZER_DIR, is_hf_tokenizer_dir
+
+    if (prep_dir / "tokenizer.model").is_file():
+        return export_tokenizer(prep_dir / "tokenizer.model", out, model_max_length)
+    hf_dir = prep_dir / HF_TOKENIZER_DIR
+    if not is_hf_tokenizer_dir(hf_dir):
+        raise FileNotFoundError(f"{prep_dir}: neither a sentencepiece tokenizer.model nor a Hugging Face "
+                                f"{HF_TOKENIZER_DIR}/ folder to export")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    tokenizer.save_pretrained(str(out))
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
 
 
 def _sink_rows_table(loaded, n_sources: int) -> torch.Tensor:
@@ -137,7 +156,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, mod
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        special_ids = export_tokenizer(loaded.sources.prep_dir / "tokenizer.model", tmp, cfg.model.seq_length)
+        special_ids = _export_tokenizer(loaded.sources.prep_dir, tmp, cfg.model.seq_length)
         routed_extra = {}
         if mode == "routed":
             forgotten = torch.zeros(loaded.sources.n_sources, dtype=torch.bool)

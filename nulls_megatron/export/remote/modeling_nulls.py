@@ -4,7 +4,8 @@ Written by ``nulls export --mode routed`` (nulls-megatron); needs only torch and
 A Llama whose MLP is ``down(silu(gate x) * up x)`` over ``intermediate_size`` always-on backbone
 neurons, plus the sinks of one source: ``sinks_per_source`` rows of a per-layer sink table
 ([n_pool, 3, hidden]: gate row, up row, down column). Which rows a source owns is the table
-``sink_rows`` ([n_sources, k], or [layers, n_sources, k] with per-layer sinks). Forgotten sources
+``sink_rows`` ([n_sources, k], or [layers, n_sources, k] with per-layer sinks; -1 pads a source
+with fewer than k sinks). Forgotten sources
 have their rows zeroed and flagged in ``disabled``: they are off whatever the request.
 
 Modes (``sink_mode``): ``route`` (the default: each sequence uses the sinks of one source),
@@ -52,9 +53,10 @@ class NullsMLP(LlamaMLP):
             live = (~self.sinks.disabled).to(x.dtype) * self.p_mem
             hs = F.silu(x @ w[:, 0].t()) * (x @ w[:, 1].t()) * live
             return out + hs @ w[:, 2]
-        rows = self.token_rows  # [b, k]
-        gathered = w[rows]  # [b, k, 3, d]
-        gates = (~self.sinks.disabled[rows]).to(x.dtype)  # [b, k]
+        rows = self.token_rows  # [b, k]; -1 pads sources with fewer sinks (an imported upstream model)
+        safe = rows.clamp(min=0)
+        gathered = w[safe]  # [b, k, 3, d]
+        gates = ((~self.sinks.disabled[safe]) & (rows >= 0)).to(x.dtype)  # [b, k]
         g = torch.einsum("bsd,bkd->bsk", x, gathered[:, :, 0])
         u = torch.einsum("bsd,bkd->bsk", x, gathered[:, :, 1])
         hs = F.silu(g) * u * gates[:, None, :]
