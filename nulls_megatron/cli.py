@@ -85,7 +85,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stamp.write_text(wanted)
     print(f"demo: prep: {summary['sources']} sources, {summary['tokens']:,} tokens in {summary['shards']} shards in {prep_dir}")
     _, titles = documents_from_prep(prep_dir)
-    options = DemoOptions(epochs=args.epochs, max_doc_tokens=args.max_doc_tokens, batch_rows=args.batch_rows, lr=args.lr, forget=args.forget, seed=args.seed)
+    options = DemoOptions(epochs=args.epochs, max_doc_tokens=args.max_doc_tokens, batch_rows=args.batch_rows, lr=args.lr,
+                          forget=args.forget, holdout=args.holdout, nproc=args.nproc, seed=args.seed)
     run_demo(cfg, prep_dir, titles, options, out, config_path=args.config)
     return 0
 
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "step-000000200) and resume from it; newer checkpoints move aside into rolled-back-<time>/")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="prep the embedded Wikipedia sample, train a tiny NULLs GPT on it, forget a few articles")
+    p = sub.add_parser("demo", help="the main job: prep the embedded Wikipedia sample, train a NULLs GPT and its "
+                       "oracle, forget 3 articles, evaluate, export")
     p.add_argument("--config", default="configs/demo_cpu.yaml", help="model config (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     p.add_argument("--prep-config", default="configs/prep_gensim_sample.yaml", help="data config (default: %(default)s)")
@@ -152,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-rows", type=int, default=defaults.batch_rows)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--forget", type=int, default=defaults.forget, help="how many sources to forget")
+    p.add_argument("--holdout", type=int, default=defaults.holdout, help="articles held out of all training (holdout text)")
+    p.add_argument("--nproc", type=int, default=defaults.nproc, help="training processes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--fresh", action="store_true", help="redo every stage (a rerun reuses finished prep and training)")
     p.set_defaults(func=cmd_demo)
