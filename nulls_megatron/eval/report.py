@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_file
+from ..train.tracking import artifact_location
 
 MODE_NAMES = {"own": "own sinks", "nearest": "nearest surviving source (Sink-Off)", "backbone": "backbone only",
               "expected": "expected"}
@@ -141,10 +142,7 @@ def log_to_mlflow(result: dict, files: list[Path], params: dict, experiment: str
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    # A local sqlite store keeps its artifacts beside it (MLflow's default is ./mlruns in the cwd).
-    local = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=local.as_uri() if local else None)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location(uri))
     run = client.create_run(exp_id, run_name=run_name)
     run_id = run.info.run_id
     for key, value in params.items():

@@ -155,9 +155,7 @@ class MlflowTracker(Tracker):
 
         self._Metric = Metric
         client = self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        local_default = self.tracking_uri == f"sqlite:///{run_dir / 'mlflow.db'}"
-        experiment_id = _experiment_id(client, self._experiment_name(config),
-                                       (run_dir / "mlartifacts").as_uri() if local_default else None)
+        experiment_id = _experiment_id(client, self._experiment_name(config), artifact_location(self.tracking_uri))
         run = self._resumable_run(client, run_dir)
         if run is None:
             run = client.create_run(experiment_id, run_name=run_name)
@@ -312,6 +310,14 @@ class MlflowTracker(Tracker):
         except Exception as e:
             logger.warning("MLflow: could not end run %s at %s as %s: %s", self.run_id, self.tracking_uri, status, e)
         self.run_id = None
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local sqlite store (MLflow's default is
+    ./mlruns in the working directory, wherever the store is); the server's choice otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
 
 
 def format_progress(step: int, total_steps: int, loss: float, tokens_per_s: float, elapsed_s: float,
