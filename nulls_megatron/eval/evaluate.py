@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from . import metrics
-from .documents import Document, EvalSets, cut, holdout_documents, prep_documents, sample_retain
+from .documents import Document, EvalSets
 from .probes import Probe, build_probes, read_probes
 from .scoring import ROUTED, SINK_MODES, CheckpointModel, EvalModel, greedy_continuations, token_scores
 
@@ -147,17 +147,16 @@ def evaluate(models: EvalModels, sets: EvalSets, index, options: EvalOptions,
     modes = {role: [m for m in options.modes if m in model.modes] for role, model in roles.items()}
     modes["before"] = [m for m in modes.get("before", []) if m == "own"] or modes.get("before", [])[:1]
     losses: dict[str, dict[str, dict[str, float]]] = {}
+    def as_scored(role: str):
+        """The oracle with the forget sources' sinks off (in memory), every other model as it is."""
+        model = roles[role]
+        return model.sources_disabled(forget) if role == "oracle" and isinstance(model, CheckpointModel) else nullcontext()
+
     for role, model in roles.items():
-        ctx = model.sources_disabled(forget) if role == "oracle" and isinstance(model, CheckpointModel) else None
-        if ctx is not None:
-            ctx.__enter__()
-        try:
+        with as_scored(role):
             for mode in modes[role]:
                 say(f"eval: scoring {role} in {mode} mode")
                 losses.setdefault(role, {})[mode] = {w: scorer.loss(role, model, mode, w) for w in ("forget", "retain", "holdout")}
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
     result: dict = {"options": asdict(options), "sets": {"forget_sources": forget, "forget_docs": len(sets.forget),
                     "retain_docs": len(sets.retain), "holdout_docs": len(sets.holdout)}, "losses": losses}
 
@@ -191,7 +190,7 @@ def evaluate(models: EvalModels, sets: EvalSets, index, options: EvalOptions,
     vm = {}
     for role, model in roles.items():
         mode = "own" if role == "before" else (sink_off if sink_off in modes[role] else modes[role][0])
-        with (model.sources_disabled(forget) if role == "oracle" and isinstance(model, CheckpointModel) else _null()):
+        with as_scored(role):
             vm[role] = verbmem(model, sets.forget, mode, routes(role, mode, "forget"), options)
     result["verbmem"] = vm
 
@@ -221,17 +220,9 @@ def evaluate(models: EvalModels, sets: EvalSets, index, options: EvalOptions,
         nearest = dict(zip([d.source for d in sets.forget], routes(role, "nearest", "forget") or [])) \
             if "nearest" in model.modes else {}
         route_of = (lambda s: s) if mode == "own" else (lambda s: nearest.get(s, s))
-        with (model.sources_disabled(forget) if role == "oracle" and isinstance(model, CheckpointModel) else _null()):
+        with as_scored(role):
             tr[role] = probe_truth_ratios(model, probes, mode, route_of)
     result["truth_ratio"] = {"probes": len(probes), "by_model": tr,
                              "kinds": {k: sum(p.kind == k for p in probes) for k in ("unique", "shared")}}
     result["seconds"] = time.perf_counter() - start
     return result
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -3,7 +3,6 @@ write the report (OUT and MLflow)."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
