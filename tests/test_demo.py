@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_runs_every_stage_and_a_rerun_reuses_them(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["RAY_AUTH_MODE"] = "disabled"
-    cmd = [sys.executable, "-m", "nulls_megatron.cli", "demo", "--output", str(tmp_path), "--epochs", "2",
-           "--max-doc-tokens", "96"]
+    cmd = [sys.executable, "-m", "nulls_megatron.cli", "demo", "--output", str(tmp_path), "--epochs", "1",
+           "--max-doc-tokens", "64"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "demo_report.json").read_text())
-    assert report["sources"] > 50 and report["epochs"] == 2 and len(report["holdout_sources"]) == 16
+    assert report["sources"] > 50 and report["epochs"] == 1 and len(report["holdout_sources"]) == 16
     assert len(report["forgotten"]) == 3 and all(item["title"] for item in report["forgotten"])
     forgotten = {f["source"] for f in report["forgotten"]}
     assert not forgotten & set(report["holdout_sources"])

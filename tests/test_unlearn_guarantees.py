@@ -382,7 +382,8 @@ def forget_in_trained_model(rank: int, world_size: int, checkpoint: str, prep_di
     from nulls_megatron.checkpoint.backbone import load_backbone
     from nulls_megatron.checkpoint.sinks import load_sink_tables
     from nulls_megatron.config import ParallelConfig, load_config
-    from nulls_megatron.demo import documents_from_prep, per_source_loss
+    from nulls_megatron.demo import documents_from_prep
+    from tests.train_helpers import per_source_loss
     from nulls_megatron.model.gpt import build_nulls_gpt
     from nulls_megatron.model.parallel import init_model_parallel
     from nulls_megatron.train.packing import PackedRows, pack_documents

@@ -85,3 +85,24 @@ def train_config(data: str | Path, run_dir: str | Path, overrides: list[str] = (
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return config_from_dict(base, "train_config", overrides)
+
+
+def per_source_loss(model, rows, batch_rows: int, **forward_kwargs) -> dict[int, float]:
+    """Mean next-token loss (nats) of every source over its label tokens in packed ``rows``; leaves the
+    model in train mode."""
+    import torch
+
+    totals: dict[int, list[float]] = {}
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_rows):
+            sl = slice(start, start + batch_rows)
+            loss = model(rows.tokens[sl], labels=rows.labels[sl], source_ids=rows.source_ids[sl],
+                         document_ids=rows.document_ids[sl], **forward_kwargs)
+            mask = rows.loss_mask[sl] > 0
+            for s, v in zip(rows.source_ids[sl][mask].tolist(), loss[mask].tolist()):
+                acc = totals.setdefault(s, [0.0, 0])
+                acc[0] += v
+                acc[1] += 1
+    model.train()
+    return {s: total / count for s, (total, count) in totals.items()}
