@@ -28,10 +28,10 @@ from data_prep.readers import InputSpec, plan_chunks, read_chunk
 from data_prep.shards import estimate_sample_bytes, plan_shards, read_shard
 from data_prep.tokenizer import token_dtype
 from nulls_megatron.config import ConfigError
+from tests.data_required import require_shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is missing: these tests need the real text of ../shared/data")
+SHARED = require_shared_data()
 # The project's venv first on PATH, as for a user who activated it: `ray` and `nulls` resolve there.
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 

@@ -17,15 +17,12 @@ from data_prep.documents import InputError, SkipReport
 from data_prep.readers import InputSpec, detect_format, gensim_sample_dump, plan_chunks, read_chunk
 from data_prep.readers.mediawiki import split_pages
 from data_prep.readers.wikitext import scan
+from tests.data_required import require_shared_data
 
-SHARED = Path(os.environ.get("NULLS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def shared(rel: str) -> Path:
-    path = SHARED / rel
-    if not path.exists():
-        pytest.skip(f"real sample {path} is absent (set NULLS_SHARED_DATA to the shared data folder)")
-    return path
+    return require_shared_data(rel)
 
 
 def read_all(specs, target: int = 64 << 20):

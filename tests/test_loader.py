@@ -16,9 +16,9 @@ import torch
 from data_prep.shards import SHARD_DIR, SHARD_INDEX_NAME, read_shard, shard_index_json, shard_name, write_shard
 from nulls_megatron.train.loader import LoaderError, PackedLoader, read_shard_index, scan_tar
 from nulls_megatron.train.packing import PackedRows
+from tests.data_required import require_shared_data
 
-ARTICLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "enwiki" / "articles_2018.jsonl"
-pytestmark = pytest.mark.skipif(not ARTICLES.is_file(), reason=f"{ARTICLES} is missing: these tests need its real text")
+ARTICLES = require_shared_data("enwiki", "articles_2018.jsonl")
 SHARD_SIZES = [17, 4, 23, 11, 30, 5]  # uneven, so blocks of ranks straddle shards
 LONG_TOKENS = 3000
 VOCAB = 512

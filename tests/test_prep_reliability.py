@@ -21,10 +21,10 @@ from data_prep.shards import SHARD_DIR, SHARD_INDEX_NAME
 from nulls_megatron.config import ConfigError
 
 from .train_helpers import VOCAB, write_prep_dir
+from tests.data_required import require_shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-ARTICLES = REPO.parent / "shared" / "data" / "enwiki" / "articles_2018.jsonl"
-pytestmark = pytest.mark.skipif(not ARTICLES.is_file(), reason=f"{ARTICLES} is missing: these tests need its real text")
+ARTICLES = require_shared_data("enwiki", "articles_2018.jsonl")
 FINISHED = ("shard_index.json", "manifest.parquet", "prep_report.json", SHARD_DIR)
 
 

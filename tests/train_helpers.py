@@ -9,8 +9,9 @@ import numpy as np
 
 from data_prep.shards import SHARD_DIR, SHARD_INDEX_NAME, shard_index_json, shard_name, write_shard
 from nulls_megatron.config import Config, config_from_dict
+from tests.data_required import SHARED_DATA
 
-ARTICLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "enwiki" / "articles_2018.jsonl"
+ARTICLES = SHARED_DATA / "enwiki" / "articles_2018.jsonl"
 VOCAB = 256  # tokens are UTF-8 bytes
 
 
