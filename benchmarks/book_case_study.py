@@ -29,7 +29,7 @@ articles whole, no token cut):
 Every stage writes its result atomically into OUT and a rerun reuses what is finished.
 
     python benchmarks/book_case_study.py [--out runs/book_case_study] [--wiki-articles 800] [--epochs 5]
-    python benchmarks/book_case_study.py --quick     # 40 articles, books cut to 2,048 tokens, minutes
+    python benchmarks/book_case_study.py --quick     # 40 articles, two books cut to 2,048 tokens, minutes
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ class Settings:
     """Everything that decides what is trained and evaluated; a rerun into the same OUT must match."""
 
     quick: bool = False
+    books: list[str] = field(default_factory=list)  # file names in BOOKS; empty: all five
     wiki_articles: int = 800
     epochs: int = 5
     vocab_size: int = 2048
@@ -82,7 +83,7 @@ class Settings:
 
     @classmethod
     def quick_mode(cls) -> "Settings":
-        return cls(quick=True, wiki_articles=40, epochs=1, vocab_size=512, tracking=False,
+        return cls(quick=True, books=["01_a_study_in_scarlet.txt", "02_the_sign_of_the_four.txt"], wiki_articles=40, epochs=1, vocab_size=512, tracking=False,
                    model_overrides=["train.max_document_tokens=2048", "model.seq_length=128", "model.hidden_size=32",
                                     "nulls.n_pool=256", "nulls.sinks_per_source=8", "nulls.n_backbone=16",
                                     "model.ffn_hidden_size=272", "train.save_every=0", "train.log_every=20",
@@ -103,6 +104,12 @@ def write_data(out: Path, s: Settings) -> Path:
     from nulls_megatron.checkpoint.atomic import atomic_file
 
     require_data(BOOKS)
+    books = BOOKS
+    if s.books:  # a subset: copied into OUT, as the books reader takes a folder or one file
+        books = out / "data" / "books"
+        books.mkdir(parents=True, exist_ok=True)
+        for name in s.books:
+            shutil.copyfile(require_data(BOOKS / name), books / name)
     wiki = out / "data" / "wiki.jsonl"
     if not wiki.is_file():
         lines = [line for line in require_data(ARTICLES).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -111,7 +118,7 @@ def write_data(out: Path, s: Settings) -> Path:
         with atomic_file(wiki) as tmp:
             tmp.write_text("".join(lines[i] + "\n" for i in picked), encoding="utf-8")
     prep = {"inputs": [{"path": str(wiki), "format": "jsonl"},
-                       {"path": str(BOOKS), "format": "books", "group": GROUP}],
+                       {"path": str(books), "format": "books", "group": GROUP}],
             "output_dir": str(out / "prep"),
             "tokenizer": {"vocab_size": s.vocab_size, "model_type": "bpe", "sample_chars": 20_000_000,
                           "sample_chunks": 64, "seed": 0, "byte_fallback": True, "num_threads": 2},
@@ -349,7 +356,7 @@ def plots(result: dict, s: Settings, out: Path) -> list[Path]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default runs/book_case_study, quick: ..._quick)")
-    p.add_argument("--quick", action="store_true", help="40 articles, books cut to 2,048 tokens, a tiny model")
+    p.add_argument("--quick", action="store_true", help="40 articles, two books cut to 2,048 tokens, a tiny model")
     p.add_argument("--wiki-articles", type=int, default=None, help="2018 articles trained beside the books (800)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (5)")
     p.add_argument("--fresh", action="store_true", help="remove OUT first")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import time
@@ -84,6 +85,46 @@ def _loopback_node() -> Iterator[None]:
             ray_constants.ENABLE_RAY_CLUSTER = saved_flag
 
 
+class _TokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_token_auth_notice() -> Iterator[None]:
+    """Ray turns token authentication on for a new local cluster (kept: it is the safe default) and
+    says so as a warning on every start; a laptop's `nulls prep` need not greet its user with it.
+    Other warnings of that logger (e.g. authentication *disabled*) still show."""
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = _TokenAuthNotice()
+    log.addFilter(notice)
+    try:
+        yield
+    finally:
+        log.removeFilter(notice)
+
+
+LOCAL_RAY_ATTEMPTS = 3
+
+
+def _start_local_ray(num_cpus: int, attempts: int = LOCAL_RAY_ATTEMPTS) -> None:
+    """A fresh local Ray on 127.0.0.1. Ray gives its raylet a fixed 30 s to register, which a 2-core
+    machine busy with a training can miss: that start is retried (Ray's processes shut down first)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            # "local" always starts a fresh instance: plain ray.init() would join whatever cluster
+            # /tmp/ray/ray_current_cluster names, even a dead one from an earlier `ray start`.
+            with _loopback_node(), _quiet_token_auth_notice():
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            ray.shutdown()
+            warnings.warn(f"the local Ray did not start in time (attempt {attempt} of {attempts}, a busy machine?); "
+                          "retrying", RuntimeWarning, stacklevel=2)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         ip = ipaddress.ip_address(host)
@@ -103,10 +144,7 @@ def connect_ray(rc: RayConfig) -> bool:
     if address:
         ray.init(address=address)
     else:
-        # "local" always starts a fresh instance: plain ray.init() would join whatever cluster
-        # /tmp/ray/ray_current_cluster names, even a dead one from an earlier `ray start`.
-        with _loopback_node():
-            ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK)
+        _start_local_ray(rc.num_cpus)
         node_ip = ray.util.get_node_ip_address()
         if not _is_loopback(node_ip):  # a Ray release that resolves the address differently
             warnings.warn(f"the local Ray started for nulls prep has node address {node_ip}, not {LOOPBACK}: "

@@ -69,8 +69,8 @@ def test_book_case_study_quick(tmp_path):
 
     study = json.loads((out / "book_study.json").read_text())
     plan, result = study["plan"], study["result"]
-    assert len(plan["book_sources"]) == 5 and len(plan["book_titles"]) == 5
-    assert any("Hound of the Baskervilles" in t for t in plan["book_titles"])
+    assert len(plan["book_sources"]) == 2 and len(plan["book_titles"]) == 2  # quick: two of the five books
+    assert any("Sign of the Four" in t for t in plan["book_titles"])
     oracle_cfg = (out / "configs" / "oracle.yaml").read_text()
     assert all(str(i) in oracle_cfg for i in plan["book_sources"]) and "exclude_sources" in oracle_cfg
     models = result["models"]
