@@ -11,6 +11,16 @@ import argparse
 import json
 import sys
 
+DESCRIPTION = """\
+Prepare training data: read the inputs of a prep config (Wikipedia dumps, JSONL, WikiText, books),
+train or reuse the tokenizer, number every source in the sources manifest, and write tokenized
+webdataset shards, on a local Ray or a Ray cluster. A killed run resumes where it stopped; a rerun
+with more inputs keeps every earlier source index. Skipped records are counted in prep_report.json.
+
+  nulls prep --config configs/prep_gensim_sample.yaml
+  nulls prep --config configs/prep_enwiki_full.yaml --ray-address auto tokenizer.vocab_size=32000
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="prep YAML config, e.g. configs/prep_gensim_sample.yaml")
@@ -27,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "prep", help="turn Wikipedia dumps / books into tokenizer, sources manifest and webdataset shards (Ray)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=main)
     return parser
@@ -48,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _standalone(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.cli", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m data_prep.cli", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)

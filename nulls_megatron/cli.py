@@ -117,11 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nulls", description="Natively unlearnable LMs on Megatron-core.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("config", help="validate a config and show derived sizes")
+    p = sub.add_parser("config", help="validate a config and show derived sizes",
+                       description="Load a model config (YAML plus --set overrides), validate it, and print every "
+                       "resolved value with the sizes derived from it (parameters, active parameters, sink pool).")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("sinks", help="show the shard and sink neurons a source owns")
+    p = sub.add_parser("sinks", help="show the shard and sink neurons a source owns",
+                       description="Show which pool shard and which k sink neurons a source owns under a config's "
+                       "assignment (a pure function of the source index: no checkpoint needed).")
     _add_config_args(p)
     p.add_argument("--source", type=int, nargs="+", required=True, help="dense source index (from the manifest)")
     p.add_argument("--layer", type=int, default=0, help="layer (matters only with per-layer sinks)")
@@ -134,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .routing import cli as routing_cli; routing_cli.register(sub)  # noqa: E702  (nulls route-index)
     from .inference import cli as inference_cli; inference_cli.register(sub)  # noqa: E702  (nulls generate)
 
-    p = sub.add_parser("train", help="train (or resume) a NULLs GPT on the shards of `nulls prep`")
+    p = sub.add_parser("train", help="train (or resume) a NULLs GPT on the shards of `nulls prep`",
+                       description="Train a NULLs GPT on the shards of `nulls prep` (TP x PP x DP from the config's "
+                       "parallel section; --nproc launches the processes on this machine). Rerunning the same "
+                       "command resumes from the run directory's latest checkpoint.")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (launches torchrun); under torchrun/srun leave at 1")
@@ -143,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job: prep the embedded Wikipedia sample, train a NULLs GPT and its "
-                       "oracle, forget 3 articles, evaluate, export")
+                       "oracle, forget 3 articles, evaluate, export",
+                       description="The main job on the embedded Wikipedia sample: prep, a NULLs GPT and its oracle "
+                       "(retrained without 3 articles) on 2 processes, `nulls unlearn` of the 3 articles with a "
+                       "receipt, `nulls eval` against the oracle, `nulls export` reloaded by transformers, all in "
+                       "one MLflow store. A rerun reuses finished stages (--fresh redoes them).")
     p.add_argument("--config", default="configs/demo_cpu.yaml", help="model config (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     p.add_argument("--prep-config", default="configs/prep_gensim_sample.yaml", help="data config (default: %(default)s)")

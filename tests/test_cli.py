@@ -40,3 +40,19 @@ def test_errors_name_the_file_and_field_and_exit_2(tmp_path):
     assert out.returncode == 2 and "nope.yaml: config file not found" in out.stderr
     out = nulls("sinks", "--config", "configs/demo_cpu.yaml", "--source", "-4")
     assert out.returncode == 2 and "-4" in out.stderr
+
+
+def test_every_subcommand_help_describes_it_for_a_user():
+    """`nulls X --help` opens with a description written for users (not a module's internal docstring)."""
+    import argparse
+
+    from nulls_megatron.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(subparsers.choices) >= 13
+    for name, sub in subparsers.choices.items():
+        text = sub.format_help()
+        description = sub.description or ""
+        assert len(description.split()) >= 8, (name, description)
+        assert "register(" not in text and "``" not in text and "subparsers" not in text, (name, text[:600])
