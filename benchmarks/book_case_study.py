@@ -20,7 +20,8 @@ articles whole, no token cut):
      number of leading tokens equal to the book's own continuation; its distribution is plotted;
    - the relearning attack: fine-tune on the first halves of 40 book passages (the run's
      ``optimizer.min_lr``, constant), measure the second halves after every step; the steps until
-     the model is halfway back to its loss before unlearning;
+     the model is halfway back to its loss before unlearning, and the largest share of that gap closed
+   at any step (fine-tuning on first halves ends up overfitting them, so a curve may turn before halfway);
 4. summary: OUT/book_study.json, OUT/book_study.md, two plots, and a last line
    ``RESULT verbmem_before=... verbmem_after=... verbmem_oracle=... verbmem_npo=... extract_before=...
    extract_after=... extract_oracle=... extract_npo=... relearn_after=... relearn_oracle=... relearn_npo=...``
@@ -44,10 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (DATA, ROOT, Job, ensure_routing_index, finished_checkpoint, open_routing_index,  # noqa: E402
-                     read_json, require_data, run_jobs, run_prep_configs, say, train_job, unlearned_version,
-                     write_json)
+# The checkout ahead of benchmarks/ itself, whose data_prep.py would shadow the data_prep package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import (DATA, QUICK_MODEL_OVERRIDES, ROOT, Job, ensure_routing_index,  # noqa: E402
+                                finished_checkpoint, open_routing_index, read_json, require_data, run_jobs,
+                                run_prep_configs, say, train_job, unlearned_version, write_json)
 
 MODEL_CONFIG = ROOT / "configs" / "repro_small.yaml"
 BOOKS = DATA / "books" / "sherlock_holmes"
@@ -83,11 +85,9 @@ class Settings:
 
     @classmethod
     def quick_mode(cls) -> "Settings":
-        return cls(quick=True, books=["01_a_study_in_scarlet.txt", "02_the_sign_of_the_four.txt"], wiki_articles=40, epochs=1, vocab_size=512, tracking=False,
-                   model_overrides=["train.max_document_tokens=2048", "model.seq_length=128", "model.hidden_size=32",
-                                    "nulls.n_pool=256", "nulls.sinks_per_source=8", "nulls.n_backbone=16",
-                                    "model.ffn_hidden_size=272", "train.save_every=0", "train.log_every=20",
-                                    "optimizer.warmup_steps=5"],
+        return cls(quick=True, books=["01_a_study_in_scarlet.txt", "02_the_sign_of_the_four.txt"], wiki_articles=40,
+                   epochs=1, vocab_size=512, tracking=False,
+                   model_overrides=["train.max_document_tokens=2048", *QUICK_MODEL_OVERRIDES],
                    passage_tokens=96, extraction_prefixes=10, prefix_tokens=16, extraction_tokens=8,
                    verbmem_passages=5, verbmem_tokens=16, relearn_passages=6, relearn_steps=3, npo_passages=8,
                    npo_retain_docs=8, npo_steps=2)
@@ -294,18 +294,25 @@ def relearn_steps(row: dict, limit: int) -> int:
     return limit + 1 if steps is None else int(steps)
 
 
+def best_recovery(curve: list[float], before: float) -> float:
+    """The largest share of the gap to the pre-unlearning loss that relearning closed at any step."""
+    gap = curve[0] - before
+    return (curve[0] - min(curve)) / gap if gap > 0 else math.nan
+
+
 def summary_lines(result: dict, s: Settings, plan: dict) -> tuple[str, str]:
     m = result["models"]
     lines = [f"{len(plan['book_sources'])} books ({plan['book_tokens']:,} tokens) among {plan['documents']:,} sources, "
              f"{plan['epochs']} epochs ({plan['steps']} steps); one seed",
              "", "| model | routing | book-passage loss | VerbMem | exact match mean | median | p90 | max | "
-             ">= 8 tokens | relearn steps to halfway |", "|---|---|---|---|---|---|---|---|---|---|"]
+             ">= 8 tokens | relearn steps to halfway | best share undone |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in MODELS:
         r, e = m[name], m[name]["exact_match_summary"]
         steps = "n/a" if name == "before" else (
             f"{relearn_steps(r, s.relearn_steps)}" + (" (never)" if r["relearn"]["steps_to_halfway"] is None else ""))
+        undone = "n/a" if name == "before" else f"{best_recovery(r['relearn']['curve'], result['relearn_target_before']):.2f}"
         lines.append(f"| {name} | {r['mode']} | {r['passage_loss']:.3f} | {r['verbmem']:.3f} | {e['mean']:.2f} | "
-                     f"{e['median']:.0f} | {e['p90']:.0f} | {e['max']} | {100 * e['at_least_8']:.0f}% | {steps} |")
+                     f"{e['median']:.0f} | {e['p90']:.0f} | {e['max']} | {100 * e['at_least_8']:.0f}% | {steps} | {undone} |")
     values = {f"verbmem_{n}": m[n]["verbmem"] for n in MODELS}
     values |= {f"extract_{n}": m[n]["exact_match_summary"]["mean"] for n in MODELS}
     values |= {f"relearn_{n}": relearn_steps(m[n], s.relearn_steps) for n in ("after", "oracle", "npo")}

@@ -25,6 +25,11 @@ if str(ROOT) not in sys.path:
 
 DATA = Path(os.environ.get("NULLS_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
+# The studies' --quick model: the model of configs/repro_small.yaml shrunk to run in a test's minutes.
+QUICK_MODEL_OVERRIDES = ["model.seq_length=128", "model.hidden_size=32", "nulls.n_pool=256", "nulls.sinks_per_source=8",
+                         "nulls.n_backbone=16", "model.ffn_hidden_size=272", "train.save_every=0", "train.log_every=20",
+                         "optimizer.warmup_steps=5"]
+
 
 def say(line: str) -> None:
     print(line, flush=True)

@@ -19,7 +19,6 @@ from tests.data_required import require_shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = require_shared_data()
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 NUM = r"(-?\d+(?:\.\d+)?|nan)"
 RESULT = re.compile(r"RESULT " + " ".join(f"verbmem_{n}={NUM}" for n in ("before", "after", "oracle", "npo")) + " "
@@ -45,7 +44,10 @@ class _Reciter:
 
 
 def test_exact_match_length_counts_leading_equal_tokens():
-    from book_case_study import exact_match_lengths
+    from benchmarks.book_case_study import exact_match_lengths
+    # benchmarks/ stays off sys.path: its data_prep.py would shadow the data_prep package in
+    # every process spawned later in the session.
+    assert str(ROOT / "benchmarks") not in sys.path
 
     from nulls_megatron.eval.documents import Document
 
