@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nulls_megatron.config import ParallelConfig  # noqa: E402
 from nulls_megatron.model.attention_mask import block_causal_mask  # noqa: E402
-from nulls_megatron.model.parallel import init_model_parallel  # noqa: E402
+from nulls_megatron.process_groups import init_model_parallel  # noqa: E402
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 

@@ -49,7 +49,7 @@ from nulls_megatron.config import Config, ParallelConfig, config_from_dict  # no
 from nulls_megatron.model.attention_mask import block_causal_mask  # noqa: E402
 from nulls_megatron.model.gpt import build_nulls_gpt, transformer_config  # noqa: E402
 from nulls_megatron.model.packed_attention import AttentionContext, PackedDotProductAttention  # noqa: E402
-from nulls_megatron.model.parallel import init_model_parallel  # noqa: E402
+from nulls_megatron.process_groups import init_model_parallel  # noqa: E402
 from nulls_megatron.train.engines.param_groups import adamw_param_groups  # noqa: E402
 from nulls_megatron.train.packing import PackedRows, pack_documents  # noqa: E402
 

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from data_prep.readers import FORMATS, gensim_sample_dump
 from data_prep.readers.common import DEFAULT_MAX_CHARS
-from nulls_megatron.config import ConfigError, load_yaml_dataclass
+from yaml_config import ConfigError, load_yaml_dataclass
 
 GENSIM_SAMPLE = "gensim:enwiki-sample"
 _ROOT_MARKERS = ("setup.cfg", "pyproject.toml", ".git")

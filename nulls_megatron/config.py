@@ -7,19 +7,14 @@ Overrides use the same dotted names: ``model.num_layers=4``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+# The loader lives in a leaf that data_prep shares; its names stay importable from here.
+from yaml_config import (ConfigError, DuplicateKeyError, StrictLoader, config_error,  # noqa: F401
+                         dataclass_from_dict, load_yaml_dataclass, parse_overrides, read_yaml)
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "masked")
@@ -175,10 +170,6 @@ class Config:
                                                                    for k, v in items})
 
 
-def _fail(origin: str, path: str, message: str) -> typing.NoReturn:
-    raise ConfigError(f"{origin}: {path}: {message}")
-
-
 def _validate(cfg: Config, origin: str) -> None:
     m, n, p, o, t = cfg.model, cfg.nulls, cfg.parallel, cfg.optimizer, cfg.train
     may_be_zero = {"optimizer.min_lr", "optimizer.warmup_steps", "optimizer.weight_decay",
@@ -190,64 +181,64 @@ def _validate(cfg: Config, origin: str) -> None:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "seed":
                 path = f"{name}.{f.name}"
                 if value < 0 or (value == 0 and path not in may_be_zero):
-                    _fail(origin, path, f"must be {'>= 0' if path in may_be_zero else '> 0'}, got {value}")
+                    config_error(origin, path, f"must be {'>= 0' if path in may_be_zero else '> 0'}, got {value}")
     for path, value in (("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)):
         if not value < 1:
-            _fail(origin, path, f"must be in (0, 1), got {value}")
+            config_error(origin, path, f"must be in (0, 1), got {value}")
     if o.sink_weight_decay != 0:
         # Decoupled decay multiplies every row of the sink table by (1 - lr * decay) each step, gradient
         # or not: the rows of sources absent from the batch would fade, and "a row changes only when a
         # source that owns it is trained on" would no longer hold (docs/training.md, after unlearning).
-        _fail(origin, "optimizer.sink_weight_decay",
+        config_error(origin, "optimizer.sink_weight_decay",
               f"must be 0, got {o.sink_weight_decay}: weight decay would shrink every sink row at every step, "
               "including the rows of sources the batch does not hold, so sinks would change without their "
               "source being trained on (see docs/training.md, 'Training after unlearning')")
     if o.min_lr > o.lr:
-        _fail(origin, "optimizer.min_lr", f"{o.min_lr} exceeds optimizer.lr ({o.lr})")
+        config_error(origin, "optimizer.min_lr", f"{o.min_lr} exceeds optimizer.lr ({o.lr})")
     if t.zero_stage not in (1, 2):
-        _fail(origin, "train.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
+        config_error(origin, "train.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
     if t.engine is Engine.DEEPSPEED and p.pipeline_parallel != 1:
-        _fail(origin, "train.engine", "deepspeed runs tensor x data parallel only; use engine: megatron "
+        config_error(origin, "train.engine", "deepspeed runs tensor x data parallel only; use engine: megatron "
               f"for parallel.pipeline_parallel={p.pipeline_parallel}")
     if t.global_batch_rows % t.micro_batch_rows:
-        _fail(origin, "train.global_batch_rows",
+        config_error(origin, "train.global_batch_rows",
               f"{t.global_batch_rows} is not a multiple of train.micro_batch_rows ({t.micro_batch_rows})")
     if cfg.tracking.on_unavailable not in ("fail", "warn"):
-        _fail(origin, "tracking.on_unavailable", f"must be fail or warn, got {cfg.tracking.on_unavailable!r}")
+        config_error(origin, "tracking.on_unavailable", f"must be fail or warn, got {cfg.tracking.on_unavailable!r}")
     for path, seed in (("seed", cfg.seed), ("nulls.seed", n.seed)):
         if not 0 <= seed < 2**32:
-            _fail(origin, path, f"must be in [0, 2**32), got {seed}")
+            config_error(origin, path, f"must be in [0, 2**32), got {seed}")
     if n.n_backbone + n.n_pool != m.ffn_hidden_size:
-        _fail(
+        config_error(
             origin,
             "nulls.n_backbone + nulls.n_pool",
             f"{n.n_backbone} + {n.n_pool} = {n.n_backbone + n.n_pool} != model.ffn_hidden_size ({m.ffn_hidden_size})",
         )
     _validate_assignment(n, m, origin)
     if n.n_pool % n.pool_shards:
-        _fail(origin, "nulls.pool_shards", f"{n.pool_shards} does not divide nulls.n_pool ({n.n_pool})")
+        config_error(origin, "nulls.pool_shards", f"{n.pool_shards} does not divide nulls.n_pool ({n.n_pool})")
     shard = n.n_pool // n.pool_shards
     if n.sinks_per_source > shard:
-        _fail(
+        config_error(
             origin,
             "nulls.sinks_per_source",
             f"{n.sinks_per_source} exceeds the shard size n_pool / pool_shards = {shard}",
         )
     if m.attention_backend not in ATTENTION_BACKENDS:
-        _fail(origin, "model.attention_backend",
+        config_error(origin, "model.attention_backend",
               f"expected one of {', '.join(ATTENTION_BACKENDS)}, got {m.attention_backend!r}")
     if m.recompute not in RECOMPUTE_MODES:
-        _fail(origin, "model.recompute", f"expected one of {', '.join(RECOMPUTE_MODES)}, got {m.recompute!r}")
+        config_error(origin, "model.recompute", f"expected one of {', '.join(RECOMPUTE_MODES)}, got {m.recompute!r}")
     if m.recompute == "selective" and m.attention_backend != "masked":
         # Selective recompute re-runs only the core attention, to drop the [b, heads, s, s] softmax
         # probabilities Megatron's unfused path keeps; SDPA's fused kernels and FlexAttention keep none.
-        _fail(origin, "model.recompute",
+        config_error(origin, "model.recompute",
               f"selective recomputes only the core attention, which saves [b, heads, s, s] probabilities on "
               f"model.attention_backend: masked alone; with {m.attention_backend!r} use full (or none)")
     if m.num_attention_heads % m.num_query_groups:
-        _fail(origin, "model.num_query_groups", f"{m.num_query_groups} does not divide model.num_attention_heads ({m.num_attention_heads})")
+        config_error(origin, "model.num_query_groups", f"{m.num_query_groups} does not divide model.num_attention_heads ({m.num_attention_heads})")
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-        _fail(origin, "model.kv_channels", f"unset, and hidden_size {m.hidden_size} is not a multiple of num_attention_heads {m.num_attention_heads}")
+        config_error(origin, "model.kv_channels", f"unset, and hidden_size {m.hidden_size} is not a multiple of num_attention_heads {m.num_attention_heads}")
     tp = p.tensor_parallel
     for path, value in (
         ("model.num_attention_heads", m.num_attention_heads),
@@ -256,196 +247,37 @@ def _validate(cfg: Config, origin: str) -> None:
         ("model.vocab_size", m.vocab_size),
     ):
         if value % tp:
-            _fail(origin, path, f"{value} is not divisible by parallel.tensor_parallel ({tp})")
+            config_error(origin, path, f"{value} is not divisible by parallel.tensor_parallel ({tp})")
     if m.num_layers % p.pipeline_parallel:
-        _fail(origin, "model.num_layers", f"{m.num_layers} is not divisible by parallel.pipeline_parallel ({p.pipeline_parallel})")
+        config_error(origin, "model.num_layers", f"{m.num_layers} is not divisible by parallel.pipeline_parallel ({p.pipeline_parallel})")
 
 
 def _validate_assignment(n: NullsConfig, m: ModelConfig, origin: str) -> None:
     if n.assignment not in ASSIGNMENTS:
-        _fail(origin, "nulls.assignment", f"expected one of {', '.join(ASSIGNMENTS)}, got {n.assignment!r}")
+        config_error(origin, "nulls.assignment", f"expected one of {', '.join(ASSIGNMENTS)}, got {n.assignment!r}")
     if n.assignment == "counter":
         if n.upstream is not None:
-            _fail(origin, "nulls.upstream", "is set but nulls.assignment is counter; the upstream hash applies only "
+            config_error(origin, "nulls.upstream", "is set but nulls.assignment is counter; the upstream hash applies only "
                   "with nulls.assignment: upstream (remove the section, or set the assignment)")
         return
     u = n.upstream
     if u is None:
-        _fail(origin, "nulls.upstream", "nulls.assignment is upstream but the section is missing: give p_mem, p_gen "
+        config_error(origin, "nulls.upstream", "nulls.assignment is upstream but the section is missing: give p_mem, p_gen "
               "and id_offset (as in the imported checkpoint's config)")
     for name in ("p_mem", "p_gen"):
         if not 0 < getattr(u, name) < 1:
-            _fail(origin, f"nulls.upstream.{name}", f"must be in (0, 1), got {getattr(u, name)}")
+            config_error(origin, f"nulls.upstream.{name}", f"must be in (0, 1), got {getattr(u, name)}")
     if u.id_offset < 0:
-        _fail(origin, "nulls.upstream.id_offset", f"must be >= 0, got {u.id_offset}")
+        config_error(origin, "nulls.upstream.id_offset", f"must be >= 0, got {u.id_offset}")
     # The hash has no shards and no layer salt, and upstream splits the width at int(I * p_gen).
     if n.pool_shards != 1:
-        _fail(origin, "nulls.pool_shards", f"must be 1 with the upstream assignment (one unsharded pool), got {n.pool_shards}")
+        config_error(origin, "nulls.pool_shards", f"must be 1 with the upstream assignment (one unsharded pool), got {n.pool_shards}")
     if n.per_layer_sinks:
-        _fail(origin, "nulls.per_layer_sinks", "must be false with the upstream assignment (the same sinks in every layer)")
+        config_error(origin, "nulls.per_layer_sinks", "must be false with the upstream assignment (the same sinks in every layer)")
     split = int(m.ffn_hidden_size * u.p_gen)
     if n.n_backbone != split:
-        _fail(origin, "nulls.n_backbone", f"{n.n_backbone}, but the upstream model splits its width at "
+        config_error(origin, "nulls.n_backbone", f"{n.n_backbone}, but the upstream model splits its width at "
               f"int(model.ffn_hidden_size * nulls.upstream.p_gen) = int({m.ffn_hidden_size} * {u.p_gen}) = {split}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, origin: str, path: str) -> Any:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, origin, path)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            _fail(origin, path, f"expected a mapping of {_type_name(tp)} fields, got {value!r}")
-        return _build(tp, value, origin, path + ".")
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(origin, path, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(origin, path, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(origin, path, f"expected a number, got {value!r}")
-        return float(value)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            _fail(origin, path, f"expected one of {', '.join(str(v.value) for v in tp)}, got {value!r}")
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(origin, path, f"expected a string, got {value!r}")
-        return value
-    if typing.get_origin(tp) is list:
-        if not isinstance(value, list):
-            _fail(origin, path, f"expected a list, got {value!r}")
-        return [_coerce(item, args[0], origin, f"{path}[{i}]") for i, item in enumerate(value)]
-    raise TypeError(f"unsupported config field type {tp} at {path}")
-
-
-def _build(cls: type, data: dict, origin: str, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            _fail(origin, f"{prefix}{key}", f"unknown field{hint}")
-    kwargs = {k: _coerce(v, hints[k], origin, f"{prefix}{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {key} is not a section")
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
-    """``["model.num_layers=4", "nulls.per_layer_sinks=true"]`` -> [(path, value)], values parsed as YAML."""
-    parsed = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.load(raw, Loader=StrictLoader)
-        except DuplicateKeyError as err:
-            raise ConfigError(f"override {item!r}: duplicate key {err.key!r}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: not valid YAML: {err}") from None
-        parsed.append((key.strip(), value))
-    return parsed
-
-
-def dataclass_from_dict(cls: type, data: dict | None, origin: str = "config", overrides: Iterable[str] = ()) -> Any:
-    """Build dataclass ``cls`` from a mapping, with dotted overrides and error messages naming
-    ``origin`` and the field. Calls ``validate(origin)`` when the dataclass has one."""
-    data = dict(data or {})
-    for key, value in parse_overrides(overrides):
-        _set_dotted(data, key, value)
-    obj = _build(cls, data, origin)
-    validate = getattr(obj, "validate", None)
-    return validate(origin) if callable(validate) else obj
-
-
-class DuplicateKeyError(yaml.constructor.ConstructorError):
-    """A mapping names the same key twice; ``line`` and ``first_line`` are 1-based."""
-
-    def __init__(self, key: Any, line: int, first_line: int, node: yaml.Node) -> None:
-        super().__init__(None, None, f"duplicate key {key!r} (first at line {first_line})", node.start_mark)
-        self.key, self.line, self.first_line = key, line, first_line
-
-
-class StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key repeated in one mapping.
-
-    Plain YAML loaders keep the last value of a repeated key without a word, so a config edited in two
-    places silently runs with one of them. Keys brought in by a ``<<`` merge may still be overridden:
-    that is what a merge is for."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        if isinstance(node, yaml.MappingNode):
-            first: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    hash(key)
-                except TypeError:
-                    continue  # the base constructor reports unhashable keys with their position
-                line = key_node.start_mark.line + 1
-                if key in first:
-                    raise DuplicateKeyError(key, line, first[key], key_node)
-                first[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | Path) -> Any:
-    """The YAML document of ``path``, read with :class:`StrictLoader`; errors name ``file:line``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)
-    except DuplicateKeyError as err:
-        raise ConfigError(f"{path}:{err.line}: duplicate key {err.key!r} (first at line {err.first_line}); "
-                          "YAML would keep only the last value, so write the key once") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        if mark is None:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{path}: not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}") from err
-
-
-def load_yaml_dataclass(cls: type, path: str | Path, overrides: Iterable[str] = ()) -> Any:
-    """Read a YAML file into dataclass ``cls``, apply ``dotted.key=value`` overrides, validate.
-
-    Refused, naming ``file:line``: a key repeated in one mapping, an empty file (or only comments, or
-    ``{}``: an empty config is far more often a wrong or truncated file than a wish for every
-    default; write one value to mean it), and a top level that is not a mapping."""
-    path = Path(path)
-    data = read_yaml(path)
-    if data is None or data == {}:
-        raise ConfigError(f"{path}:1: the config is empty (no key); a config must set at least one value")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: the top level must be a mapping, got {type(data).__name__}")
-    return dataclass_from_dict(cls, data, origin=str(path), overrides=overrides)
 
 
 def config_from_dict(data: dict, origin: str = "config", overrides: Iterable[str] = ()) -> Config:

@@ -47,7 +47,7 @@ def packed_batch(seed: int = 0):
 
 def init_single_process_megatron(tensor_parallel: int = 1, seed: int = 1234, pipeline_parallel: int = 1) -> None:
     from nulls_megatron.config import ParallelConfig
-    from nulls_megatron.model.parallel import init_model_parallel
+    from nulls_megatron.process_groups import init_model_parallel
 
     init_model_parallel(ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel), seed)
 

@@ -42,7 +42,7 @@ def config(tensor_parallel: int, zero_stage: int, clip: float = CLIP):
 
 def _build(tensor_parallel: int):
     from nulls_megatron.model.gpt import build_nulls_gpt
-    from nulls_megatron.model.parallel import init_model_parallel
+    from nulls_megatron.process_groups import init_model_parallel
 
     cfg = config(tensor_parallel, 1)
     init_model_parallel(cfg.parallel, cfg.seed)  # same seed: same initial weights at every TP size

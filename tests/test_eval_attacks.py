@@ -109,7 +109,7 @@ def _one_process_megatron():
     """Megatron's model-parallel state in this process, leaving no launcher variables behind (later
     tests launch trainers, which must not join this process's port)."""
     from nulls_megatron.config import ParallelConfig
-    from nulls_megatron.model.parallel import init_model_parallel
+    from nulls_megatron.process_groups import init_model_parallel
 
     saved = dict(os.environ)
     try:

@@ -58,7 +58,7 @@ def _config(pipeline_parallel: int = 1):
 def dp_pp_worker(rank: int, world_size: int) -> dict:
     from nulls_megatron.config import ParallelConfig
     from nulls_megatron.model.gpt import build_nulls_gpt
-    from nulls_megatron.model.parallel import init_model_parallel
+    from nulls_megatron.process_groups import init_model_parallel
 
     b = packed_micro_batches(1)
     init_model_parallel(ParallelConfig(pipeline_parallel=1), 1234)  # DP=2: identical weights on both ranks

@@ -385,7 +385,7 @@ def forget_in_trained_model(rank: int, world_size: int, checkpoint: str, prep_di
     from nulls_megatron.demo import documents_from_prep
     from tests.train_helpers import per_source_loss
     from nulls_megatron.model.gpt import build_nulls_gpt
-    from nulls_megatron.model.parallel import init_model_parallel
+    from nulls_megatron.process_groups import init_model_parallel
     from nulls_megatron.train.packing import PackedRows, pack_documents
 
     cfg = dataclasses.replace(load_config(config_path), parallel=ParallelConfig(tensor_parallel=1, pipeline_parallel=1))

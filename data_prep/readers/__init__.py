@@ -37,7 +37,7 @@ class InputSpec:
     max_chars: int = DEFAULT_MAX_CHARS  # longer articles are skipped and counted "too_long"
 
     def validate(self, origin: str = "input") -> "InputSpec":
-        from nulls_megatron.config import ConfigError
+        from yaml_config import ConfigError
 
         if not self.path:
             raise ConfigError(f"{origin}: path: must not be empty")

@@ -109,7 +109,7 @@ def import_litgpt(lit_dir: str | Path, out: str | Path, tokenizer: str | Path | 
 def _build_model(cfg: Config):
     """The model in this process, as inference/load.py builds one; its init is skipped (every tensor is set)."""
     from ..model.gpt import build_nulls_gpt
-    from ..model.parallel import init_model_parallel
+    from ..process_groups import init_model_parallel
 
     init_model_parallel(cfg.parallel, cfg.seed)
     model = build_nulls_gpt(cfg, perform_initialization=False)

@@ -67,7 +67,7 @@ def load_for_inference(checkpoint: str | os.PathLike, manifest: str | os.PathLik
     from ..checkpoint.backbone import load_backbone
     from ..checkpoint.sinks import load_sink_tables
     from ..model.gpt import build_nulls_gpt
-    from ..model.parallel import init_model_parallel
+    from ..process_groups import init_model_parallel
 
     sources = sources or checkpoint_sources(checkpoint, manifest)
     tokenizer = read_tokenizer(sources.prep_dir)

@@ -69,7 +69,7 @@ def main() -> int:
         print(f"nulls_megatron.train.smoke: set ${RESULT_VAR} to the JSON file to write", file=sys.stderr)
         return 2
     from ..config import ParallelConfig
-    from ..model.parallel import init_model_parallel
+    from ..process_groups import init_model_parallel
     from .trainer import train
 
     init_model_parallel(ParallelConfig(), seed=1234)

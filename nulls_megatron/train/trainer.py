@@ -28,7 +28,7 @@ from ..checkpoint.provenance import describe_sources_manifest
 from ..checkpoint.sinks import SourceState, read_sink_manifest, source_state
 from ..config import Config, ConfigError, Engine as EngineName
 from ..model.gpt import build_nulls_gpt
-from ..model.parallel import init_model_parallel
+from ..process_groups import init_model_parallel
 from ..sinks.assignment import assignment_from_config
 from .checkpointing import load_checkpoint, prepare_checkpoint_root, read_train_state, resume_point, save_checkpoint
 from .engines.base import Engine

@@ -125,7 +125,7 @@ class DeepSpeedZeroEngine(Engine):
         if not parallel_state.model_parallel_is_initialized():
             raise RuntimeError(
                 "DeepSpeedZeroEngine needs Megatron's parallel state: call "
-                "nulls_megatron.model.parallel.init_model_parallel before building the model"
+                "nulls_megatron.process_groups.init_model_parallel before building the model"
             )
         if parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise ValueError(
