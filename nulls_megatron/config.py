@@ -96,7 +96,9 @@ class ParallelConfig:
     timeout_minutes: int = 60  # every collective; NCCL's 10-minute default is shorter than a 1B checkpoint's save
 
 
-class Engine(str, enum.Enum):
+class EngineName(str, enum.Enum):
+    """Which engine runs the step: `train.engine` in YAML (the engines themselves are train/engines/)."""
+
     MEGATRON = "megatron"  # Megatron-core DDP + its optimizer (TP x PP x DP)
     DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO stage 1/2 over the data-parallel group (TP x DP)
 
@@ -129,7 +131,7 @@ class TrainConfig:
     steps: int = 100
     micro_batch_rows: int = 4  # packed rows of seq_length per micro-batch and rank
     global_batch_rows: int = 8  # rows per optimizer step over all data-parallel replicas
-    engine: Engine = Engine.MEGATRON
+    engine: EngineName = EngineName.MEGATRON
     zero_stage: int = 1  # deepspeed engine only: 1 or 2
     precision: Precision = Precision.AUTO
     save_every: int = 50  # steps between checkpoints (and one at the end)
@@ -197,7 +199,7 @@ def _validate(cfg: Config, origin: str) -> None:
         config_error(origin, "optimizer.min_lr", f"{o.min_lr} exceeds optimizer.lr ({o.lr})")
     if t.zero_stage not in (1, 2):
         config_error(origin, "train.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
-    if t.engine is Engine.DEEPSPEED and p.pipeline_parallel != 1:
+    if t.engine is EngineName.DEEPSPEED and p.pipeline_parallel != 1:
         config_error(origin, "train.engine", "deepspeed runs tensor x data parallel only; use engine: megatron "
               f"for parallel.pipeline_parallel={p.pipeline_parallel}")
     if t.global_batch_rows % t.micro_batch_rows:

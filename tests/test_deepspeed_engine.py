@@ -18,7 +18,7 @@ import math
 import torch
 
 from launch.local import run_local
-from nulls_megatron.config import Engine as EngineKind
+from nulls_megatron.config import EngineName
 from nulls_megatron.train.packing import PackedRows
 from tests.nulls_gpt_helpers import gather_full, packed_micro_batches, tiny_config
 
@@ -35,7 +35,7 @@ PARAM_ATOL_TP2 = 1e-4
 
 def config(tensor_parallel: int, zero_stage: int, clip: float = CLIP):
     cfg = tiny_config(tensor_parallel=tensor_parallel)
-    cfg.train = dataclasses.replace(cfg.train, engine=EngineKind.DEEPSPEED, zero_stage=zero_stage, micro_batch_rows=2, global_batch_rows=4)
+    cfg.train = dataclasses.replace(cfg.train, engine=EngineName.DEEPSPEED, zero_stage=zero_stage, micro_batch_rows=2, global_batch_rows=4)
     cfg.optimizer = dataclasses.replace(cfg.optimizer, clip_grad=clip)
     return cfg.validate()
 

@@ -1,11 +1,12 @@
 """`nulls train`: the training loop, the same on 2 CPU processes (gloo) and on a GPU cluster (NCCL).
 
-One step: every data-parallel replica draws ``global_batch_rows / (micro_batch_rows x DP)``
-micro-batches from its slice of the shards, the engine runs forward/backward through the
-pipeline schedule, reduces and clips gradients and takes an AdamW step at the scheduled lr.
-Rank 0 prints a progress line and logs metrics to MLflow; checkpoints are written every
-``save_every`` steps and at the end, and a restarted job continues from ``latest`` with
-bit-identical results (same data, same weights, same optimizer state).
+Three parts: ``build`` (process groups, the resume point, loader, model and engine: a ``Run``),
+``train_step`` (every data-parallel replica draws ``global_batch_rows / (micro_batch_rows x DP)``
+micro-batches from its slice of the shards, the engine runs forward/backward through the pipeline
+schedule, reduces and clips gradients and takes an AdamW step at the scheduled lr) and the loop in
+``train`` (progress and MLflow on rank 0, checkpoints every ``save_every`` steps, at the end and on a
+stop request). A restarted job continues from ``latest`` with bit-identical results (same data, same
+weights, same optimizer state).
 """
 from __future__ import annotations
 
@@ -13,12 +14,9 @@ import contextlib
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,10 +24,10 @@ from megatron.core import parallel_state
 
 from ..checkpoint.provenance import describe_sources_manifest
 from ..checkpoint.sinks import SourceState, read_sink_manifest, source_state
-from ..config import Config, ConfigError, Engine as EngineName
+from ..config import Config, ConfigError, EngineName
 from ..model.gpt import build_nulls_gpt
 from ..process_groups import init_model_parallel
-from ..sinks.assignment import assignment_from_config
+from ..sinks.assignment import Assignment, assignment_from_config
 from .checkpointing import load_checkpoint, prepare_checkpoint_root, read_train_state, resume_point, save_checkpoint
 from .engines.base import Engine
 from .grad_norm import NonFiniteError
@@ -38,49 +36,10 @@ from .prefetch import PrefetchLoader
 from .lr_schedule import learning_rate
 from .precision import bf16_model_overrides, use_bf16
 from .sink_stats import sink_statistics
+from .stop import StopRequest
 from .tracking import Tracker, TrackingSettings, create_tracker, format_progress
 
 logger = logging.getLogger(__name__)
-
-
-STOP_FILE = "STOP"  # <run_dir>/STOP: checkpoint after the current step and exit (SLURM's pre-timeout trap writes it)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class StopRequest:
-    """A request to checkpoint and exit early: SIGTERM/SIGUSR1 to any rank, or ``<run_dir>/STOP``.
-
-    Checked once per step with one all-reduce, so every rank stops after the same step; a file
-    works across nodes whatever the launcher does with signals (torchrun kills its workers
-    30 s after forwarding SIGTERM, too soon for a large checkpoint).
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.file = run_dir / STOP_FILE
-        self.signal: int | None = None
-        self.reason: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._received)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _received(self, signum: int, frame) -> None:
-        self.signal = signum
-
-    def agreed(self) -> bool:
-        """True on every rank when any rank saw a request; ``reason`` then names it on every rank."""
-        flags = torch.tensor([self.signal or 0, int(dist.get_rank() == 0 and self.file.exists())])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signum, file = (int(v) for v in flags)
-        self.reason = signal.Signals(signum).name if signum else str(self.file) if file else None
-        return self.reason is not None
 
 
 @dataclass
@@ -178,6 +137,131 @@ def _finished(resumed: Path, total: int, rank: int) -> TrainResult:
                        checkpoint=str(resumed), last_loss=loss)
 
 
+@dataclass
+class Run:
+    """What every step of this process uses, built once by :func:`build`."""
+
+    cfg: Config
+    engine: Engine
+    loader: PrefetchLoader
+    assignment: Assignment
+    micro_batches: int
+    start: int  # the step the run resumes after (0: from scratch)
+    tokens: int  # loss tokens seen over all data-parallel replicas so far
+    sources: SourceState  # the sink manifest's state, saved with every checkpoint
+    off: list[int]  # forgotten or excluded sources: their documents are never fed
+    resumed: Path | None
+
+
+@dataclass
+class StepOutput:
+    step: int  # the step just completed (1-based)
+    loss: float  # the last pipeline stage's loss, on every rank
+    grad_norm: float
+    lr: float
+    tokens: int  # loss tokens of this step over all data-parallel replicas
+    batches: list
+
+
+def build(cfg: Config, resumed: Path | None) -> Run:
+    """The loader, model and engine of this rank, restored from ``resumed`` when given."""
+    dp_rank, dp_world = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    n_micro = micro_batches_per_step(cfg, dp_world)
+    # The forgotten sources of `latest` (erased or suppressed) are known before the loader exists:
+    # training after unlearning must not feed their documents again, and the prefetch thread must not
+    # pack one even a batch ahead.
+    off = source_state(read_sink_manifest(resumed)).off_sources() if resumed is not None else []
+    off = sorted(set(off) | set(cfg.train.exclude_sources))
+    loader = PrefetchLoader(PackedLoader(
+        cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows, vocab_size=cfg.model.vocab_size,
+        seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world, verify=cfg.train.verify_shards,
+        max_document_tokens=cfg.train.max_document_tokens, skip_sources=off), depth=2 * n_micro)
+    engine = build_model_and_engine(cfg, n_micro)
+    run = Run(cfg, engine, loader, assignment_from_config(cfg.nulls), n_micro, start=0, tokens=0,
+              sources=SourceState(), off=off, resumed=resumed)
+    prepare_checkpoint_root(cfg)
+    if resumed is not None:
+        state, run.sources = load_checkpoint(resumed, engine, loader)
+        run.start, run.tokens = int(state["step"]), int(state["tokens"])
+        if run.sources.off_sources() != off:
+            raise RuntimeError(f"{resumed}: the sink manifest changed while it was loaded (off sources "
+                               f"{off[:5]}... then {run.sources.off_sources()[:5]}...)")
+        if dist.get_rank() == 0:
+            print(f"resuming from {resumed} (step {run.start})", flush=True)
+            if off:
+                print(f"{len(off)} sources are off in {resumed.name} ({len(run.sources.disabled_sources)} erased, "
+                      f"{len(run.sources.suppressed_sources)} suppressed): their documents will be skipped", flush=True)
+    if run.sources.sources_manifest is None:  # which titles the source indices stand for, for `nulls unlearn`
+        run.sources.sources_manifest = describe_sources_manifest(cfg.train.data) if dist.get_rank() == 0 else None
+    return run
+
+
+def train_step(run: Run, step: int) -> StepOutput:
+    """Step ``step + 1``: draw the micro-batches, forward/backward, reduce, clip, update. Stops with
+    NonFiniteError before the update (and so before any save) when the loss or gradients are not finite."""
+    batches = [next(run.loader) for _ in range(run.micro_batches)]
+    lr = learning_rate(step, run.cfg.train.steps, run.cfg.optimizer)
+    try:
+        loss, grad_norm = run.engine.train_step(batches, lr)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"step {step + 1}: {e}; stopped before saving: the checkpoints on disk are "
+                             "the last good state") from None
+    tokens = _global_tokens(batches)
+    run.tokens += tokens
+    loss = _pipeline_loss(loss)
+    _check_finite(step + 1, loss, grad_norm)
+    return StepOutput(step + 1, loss, grad_norm, lr, tokens, batches)
+
+
+class _Throughput:
+    """Tokens per second of training since the last report, with checkpoint saves left out."""
+
+    def __init__(self) -> None:
+        self.began = self.window_start = time.perf_counter()
+        self.window_tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.window_tokens += tokens
+
+    def report(self) -> tuple[float, float]:
+        """(tokens/s of the window, seconds since the run began); starts a new window."""
+        now = time.perf_counter()
+        rate = self.window_tokens / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_tokens = now, 0
+        return rate, now - self.began
+
+    def leave_out(self, seconds: float) -> None:
+        self.window_start += seconds
+
+
+def _log_step(run: Run, out: StepOutput, tracker: Tracker, meter: _Throughput) -> None:
+    rate, elapsed = meter.report()
+    metrics = {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "tokens_per_s": rate, "tokens": run.tokens}
+    metrics.update(sink_statistics(out.batches, run.assignment, parallel_state.get_data_parallel_group()))
+    if run.off:  # only runs that continue after unlearning have these
+        metrics.update(_skipped_forgotten(run.loader))
+    tracker.log_step(out.step, metrics)
+    if dist.get_rank() == 0:
+        print(format_progress(out.step, run.cfg.train.steps, out.loss, rate, elapsed, start_step=run.start), flush=True)
+
+
+def _save(run: Run, out: StepOutput, meter: _Throughput) -> str:
+    saving = time.perf_counter()
+    path = str(save_checkpoint(run.cfg, out.step, run.engine, run.loader, run.tokens, run.sources, out.loss))
+    if dist.get_rank() == 0:
+        print(f"checkpoint {path} ({time.perf_counter() - saving:.1f}s)", flush=True)
+    meter.leave_out(time.perf_counter() - saving)  # tokens/s measures training, not saving
+    return path
+
+
+def _tracker(cfg: Config) -> Tracker:
+    t = cfg.tracking
+    if not t.enabled:
+        return Tracker()
+    return create_tracker(settings=TrackingSettings(experiment=t.experiment, on_unavailable=t.on_unavailable,
+                                                    flush_every_steps=t.flush_every_steps))
+
+
 def train(cfg: Config, config_path: str | None = None, stop_after: int | None = None,
           resume_from: str | None = None) -> TrainResult:
     """Train (or resume) the run in ``cfg.train.run_dir``. ``stop_after`` ends this process after
@@ -187,105 +271,40 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
         raise ConfigError(f"{config_path or 'config'}: train.data: set it to the output directory of `nulls prep`")
     _set_cpu_threads()
     init_model_parallel(cfg.parallel, cfg.seed)
-    rank, dp_rank = dist.get_rank(), parallel_state.get_data_parallel_rank()
-    dp_world = parallel_state.get_data_parallel_world_size()
-    n_micro = micro_batches_per_step(cfg, dp_world)
-    # `latest` only ever names a complete checkpoint, so it can be read before the debris of killed
-    # saves is cleaned. Its forgotten sources (erased or suppressed) are known before the loader
-    # exists: training after unlearning must not feed their documents again, and the prefetch thread
-    # must not pack one even a batch ahead.
+    # `latest` only ever names a complete checkpoint, so it can be read before the debris of killed saves is cleaned.
     resumed = resume_point(cfg, resume_from)
     if resumed is not None and int(read_train_state(resumed)["step"]) >= cfg.train.steps:
-        return _finished(resumed, cfg.train.steps, rank)
-    off = source_state(read_sink_manifest(resumed)).off_sources() if resumed is not None else []
-    off = sorted(set(off) | set(cfg.train.exclude_sources))
-    loader = PrefetchLoader(PackedLoader(
-        cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows, vocab_size=cfg.model.vocab_size,
-        seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world, verify=cfg.train.verify_shards,
-        max_document_tokens=cfg.train.max_document_tokens, skip_sources=off), depth=2 * n_micro)
-    engine = build_model_and_engine(cfg, n_micro)
-    assignment = assignment_from_config(cfg.nulls)
-    prepare_checkpoint_root(cfg)
-
-    start, tokens, sources = 0, 0, SourceState()
-    if resumed is not None:
-        state, sources = load_checkpoint(resumed, engine, loader)
-        start, tokens = int(state["step"]), int(state["tokens"])
-        if sources.off_sources() != off:
-            raise RuntimeError(f"{resumed}: the sink manifest changed while it was loaded (off sources "
-                               f"{off[:5]}... then {sources.off_sources()[:5]}...)")
-        if rank == 0:
-            print(f"resuming from {resumed} (step {start})", flush=True)
-            if off:
-                print(f"{len(off)} sources are off in {resumed.name} ({len(sources.disabled_sources)} erased, "
-                      f"{len(sources.suppressed_sources)} suppressed): their documents will be skipped", flush=True)
-
-    if sources.sources_manifest is None:  # which titles the source indices stand for, for `nulls unlearn`
-        sources.sources_manifest = describe_sources_manifest(cfg.train.data) if rank == 0 else None
-    t, total = cfg.train, cfg.train.steps
-    result = TrainResult(steps_run=0, final_step=start, resumed_from=str(resumed) if resumed else None)
-    tracking = cfg.tracking
-    tracker = create_tracker(settings=TrackingSettings(experiment=tracking.experiment,
-                                                      on_unavailable=tracking.on_unavailable,
-                                                      flush_every_steps=tracking.flush_every_steps)) \
-        if tracking.enabled else Tracker()
-    with tracker, StopRequest(Path(cfg.train.run_dir)) as stop, contextlib.closing(loader):
-        if rank == 0 and stop.file.exists():
-            # Written by an earlier job's pre-timeout trap that then crashed before consuming it: obeying
-            # it would stop this submission after one step with exit 0 and no requeue.
-            age = time.time() - stop.file.stat().st_mtime
-            stop.file.unlink(missing_ok=True)
-            print(f"removed a stale {stop.file} (written {age / 60:.0f} min ago, before this run started)", flush=True)
-        result.run_id = tracker.start(cfg.train.run_dir, cfg, run_name=tracking.run_name or None,
+        return _finished(resumed, cfg.train.steps, dist.get_rank())
+    run = build(cfg, resumed)
+    t = cfg.train
+    end = t.steps if stop_after is None else min(t.steps, run.start + stop_after)
+    result = TrainResult(steps_run=0, final_step=run.start, resumed_from=str(resumed) if resumed else None)
+    tracker = _tracker(cfg)
+    with tracker, StopRequest(Path(t.run_dir)) as stop, contextlib.closing(run.loader):
+        stop.clear_stale()
+        result.run_id = tracker.start(t.run_dir, cfg, run_name=cfg.tracking.run_name or None,
                                       tags={"nulls.engine": t.engine.value, "nulls.world_size": dist.get_world_size()},
                                       artifacts=_artifacts(cfg, config_path))
-        began, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
-        end = total if stop_after is None else min(total, start + stop_after)
-        step = start
-        for step in range(start, end):
-            batches = [next(loader) for _ in range(n_micro)]
-            lr = learning_rate(step, total, cfg.optimizer)
-            try:
-                loss, grad_norm = engine.train_step(batches, lr)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"step {step + 1}: {e}; stopped before saving: the checkpoints on disk are "
-                                     "the last good state") from None
-            step_tokens = _global_tokens(batches)
-            tokens += step_tokens
-            window_tokens += step_tokens
-            loss = _pipeline_loss(loss)
-            done = step + 1
-            _check_finite(done, loss, grad_norm)
-            result.losses.append(loss)
-            if done % t.log_every == 0 or done == end:
-                now = time.perf_counter()
-                tps = window_tokens / max(now - window_start, 1e-9)
-                metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens": tokens}
-                metrics.update(sink_statistics(batches, assignment, parallel_state.get_data_parallel_group()))
-                if off:  # only runs that continue after unlearning have these
-                    metrics.update(_skipped_forgotten(loader))
-                tracker.log_step(done, metrics)
-                if rank == 0:
-                    print(format_progress(done, total, loss, tps, now - began, start_step=start), flush=True)
-                window_start, window_tokens = now, 0
-            stopping = done < end and stop.agreed()
-            if (t.save_every and done % t.save_every == 0) or done == end or stopping:
-                saving = time.perf_counter()
-                result.checkpoint = str(save_checkpoint(cfg, done, engine, loader, tokens, sources, loss))
-                if rank == 0:
-                    print(f"checkpoint {result.checkpoint} ({time.perf_counter() - saving:.1f}s)", flush=True)
-                window_start += time.perf_counter() - saving  # tokens/s measures training, not saving
+        meter = _Throughput()
+        for step in range(run.start, end):
+            out = train_step(run, step)
+            meter.add(out.tokens)
+            result.losses.append(out.loss)
+            result.final_step = out.step
+            if out.step % t.log_every == 0 or out.step == end:
+                _log_step(run, out, tracker, meter)
+            stopping = out.step < end and stop.agreed()
+            if (t.save_every and out.step % t.save_every == 0) or out.step == end or stopping:
+                result.checkpoint = _save(run, out, meter)
             if stopping:
                 result.stopped_by = stop.reason
-                if rank == 0:
+                if dist.get_rank() == 0:
                     stop.file.unlink(missing_ok=True)
-                    print(f"stopped after step {done} ({result.stopped_by}); rerun the same command to resume", flush=True)
+                    print(f"stopped after step {out.step} ({result.stopped_by}); rerun the same command to resume",
+                          flush=True)
                 break
-        else:
-            step = end - 1
-        result.final_step = max(step + 1, start)
         result.last_loss = result.losses[-1] if result.losses else None
-        result.steps_run = result.final_step - start
+        result.steps_run = result.final_step - run.start
         if result.checkpoint:  # the provenance of the weights this run ends with
             last = Path(result.checkpoint)
             tracker.log_files([last / "sinks" / "manifest.json", last / "backbone" / "nulls_backbone.json",
