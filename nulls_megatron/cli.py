@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Megatron warns at import that Transformer Engine and Apex are absent; the CPU path does not use them.
+    # Megatron warns at import that Transformer Engine and Apex are absent; the CPU path does not use
+    # them. A warnings filter, not a patch: it stays here so that --help imports no torch.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (is|are) not installed.*")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from launch.env import find_free_port, init_distributed_from_env
 
 from .config import ParallelConfig
-from .model.cpu_compat import model_parallel_seed
+from .compat import model_parallel_seed
 
 _LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
 

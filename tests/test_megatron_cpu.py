@@ -1,4 +1,4 @@
-"""Megatron-core on CPU: the compatibility layer (nulls_megatron.model.cpu_compat)
+"""Megatron-core on CPU: the compatibility layer (nulls_megatron.compat)
 and the local launcher (launch.local), on 2 gloo processes.
 
 A spawn costs ~8 s (imports), so the Megatron checks share ONE launch and the
@@ -33,7 +33,7 @@ def _config():
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    from nulls_megatron.model.cpu_compat import cpu_transformer_config_overrides
+    from nulls_megatron.compat import cpu_transformer_config_overrides
 
     return TransformerConfig(
         num_layers=2,
@@ -76,7 +76,7 @@ def _dropout_recompute_checks(check):
     the RNG states) gives the same gradients as no recompute."""
     import dataclasses
 
-    from nulls_megatron.model.cpu_compat import model_parallel_seed
+    from nulls_megatron.compat import model_parallel_seed
 
     norms = []
     for recompute in (False, False, True):
@@ -110,7 +110,7 @@ def _rng_checks(rank, tp_rank, check):
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from megatron.core.tensor_parallel.random import get_data_parallel_rng_tracker_name
 
-    from nulls_megatron.model.cpu_compat import model_parallel_seed
+    from nulls_megatron.compat import model_parallel_seed
 
     tp_group = ps.get_tensor_model_parallel_group()
 
@@ -163,7 +163,7 @@ def _megatron_tp_body(rank, world_size):
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from megatron.core.tensor_parallel import random as mp_random
 
-    from nulls_megatron.model import cpu_compat
+    from nulls_megatron import compat as cpu_compat
 
     failures = []
 
@@ -269,12 +269,39 @@ def test_run_local_rejects_unimportable_fn():
 
 
 def test_apply_cpu_compat_is_noop_with_cuda(monkeypatch):
-    from nulls_megatron.model import cpu_compat
+    from nulls_megatron import compat as cpu_compat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     current_device = torch.cuda.current_device
     assert cpu_compat.apply_cpu_compat() is False
     assert torch.cuda.current_device is current_device, "patched although CUDA is available"
+
+
+def test_patches_were_checked_against_the_installed_versions():
+    """Every patch in nulls_megatron/compat.py names the versions it was read against; an upgrade of
+    any of them must re-read the list (and bump CHECKED_AGAINST) before it lands."""
+    from importlib.metadata import version
+
+    from nulls_megatron.compat import CHECKED_AGAINST
+
+    installed = {name: version(name).split("+")[0] for name in CHECKED_AGAINST}
+    assert installed == CHECKED_AGAINST
+
+
+def test_building_a_model_is_what_silences_megatrons_unknown_mlp_notice():
+    import logging
+
+    from nulls_megatron.compat import _UNKNOWN_MLP_FILTER, quiet_unknown_mlp_notice
+
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    layer_logger.removeFilter(_UNKNOWN_MLP_FILTER)
+    import nulls_megatron.model.gpt  # noqa: F401  (importing the model installs nothing)
+    assert _UNKNOWN_MLP_FILTER not in layer_logger.filters
+    quiet_unknown_mlp_notice()
+    quiet_unknown_mlp_notice()
+    assert layer_logger.filters.count(_UNKNOWN_MLP_FILTER) == 1
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "Unknown MLP type: NullsMegatronMLP", None, None)
+    assert not layer_logger.filter(record)
 
 
 def test_env_detection(monkeypatch):

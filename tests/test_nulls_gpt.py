@@ -14,7 +14,7 @@ STEPS, LR = 3, 0.5
 
 
 def build(cfg=None):
-    from nulls_megatron.model.cpu_compat import model_parallel_seed
+    from nulls_megatron.compat import model_parallel_seed
     from nulls_megatron.model.gpt import build_nulls_gpt
 
     model_parallel_seed(1234)

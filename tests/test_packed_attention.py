@@ -19,7 +19,7 @@ def config(backend: str, tensor_parallel: int = 1):
 
 
 def build(backend: str, tensor_parallel: int = 1):
-    from nulls_megatron.model.cpu_compat import model_parallel_seed
+    from nulls_megatron.compat import model_parallel_seed
     from nulls_megatron.model.gpt import build_nulls_gpt
 
     model_parallel_seed(1234)

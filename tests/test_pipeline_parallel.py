@@ -28,7 +28,7 @@ def train(model, batches) -> list[float | None]:
 def pipeline_worker(rank: int, world_size: int) -> dict:
     from megatron.core import parallel_state
 
-    from nulls_megatron.model.cpu_compat import model_parallel_seed
+    from nulls_megatron.compat import model_parallel_seed
     from nulls_megatron.model.gpt import build_nulls_gpt
 
     batches = packed_micro_batches()

@@ -20,7 +20,7 @@ def config(recompute: str = "none", backend: str = "sdpa"):
 
 def build(recompute: str = "none", backend: str = "sdpa", like=None, **overrides):
     """A model with ``like``'s weights (or freshly seeded ones)."""
-    from nulls_megatron.model.cpu_compat import model_parallel_seed
+    from nulls_megatron.compat import model_parallel_seed
     from nulls_megatron.model.gpt import build_nulls_gpt
 
     model_parallel_seed(1234)
@@ -66,7 +66,7 @@ def assert_same(got: dict, expected: dict, what: str) -> None:
 
 def run(model, data, seed: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss and gradients of one forward and backward (after reseeding every RNG stream when ``seed``)."""
-    from nulls_megatron.model.cpu_compat import model_parallel_seed
+    from nulls_megatron.compat import model_parallel_seed
 
     if seed is not None:
         model_parallel_seed(seed)
@@ -180,7 +180,7 @@ def test_selective_recompute_of_masked_core_attention(megatron_world):
 def test_trainer_builds_and_steps_with_recompute_from_yaml(megatron_world, tmp_path, engine_name):
     """The trainer's path: YAML -> load_config -> build_model_and_engine -> one step of either engine over
     two micro-batches; the same loss, grad norm and updated weights as without recompute."""
-    from nulls_megatron.model.cpu_compat import model_parallel_seed
+    from nulls_megatron.compat import model_parallel_seed
     from nulls_megatron.train.trainer import build_model_and_engine
 
     path = tmp_path / "run.yaml"

@@ -20,15 +20,10 @@ kept as JSON. See docs/checkpoints.md, "Backbone".
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import pickle
-import queue
-import signal
-import sys
-import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -37,8 +32,6 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
-from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.dist_checkpointing.strategies import torch as mcore_torch_strategy
 from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
     CachedMetadataFileSystemReader,
 )
@@ -50,6 +43,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType
 
+from ..compat import dist_checkpoint_reader, in_process_write_queue, quiet_torch_dcp_deprecations
 from ..model.nulls_mlp import NullsMegatronMLP
 from ..sinks.table import SinkTable
 from .atomic import atomic_file
@@ -250,83 +244,6 @@ class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
         return common if isinstance(common, dict) else {}
 
 
-_patch_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _safe_readers() -> Iterator[None]:
-    """Make Megatron's torch_dist load strategy read through ``_SafeFileSystemReader``.
-
-    The strategy builds its reader with the module function ``_get_filesystem_reader``
-    (no hook to pass one), so that function is swapped for the duration of a load.
-    """
-    original = mcore_torch_strategy._get_filesystem_reader
-    with _patch_lock:
-        mcore_torch_strategy._get_filesystem_reader = lambda checkpoint_dir, cache_metadata=False: _SafeFileSystemReader(checkpoint_dir)
-        try:
-            yield
-        finally:
-            mcore_torch_strategy._get_filesystem_reader = original
-
-
-@contextlib.contextmanager
-def _quiet_torch_dcp() -> Iterator[None]:
-    """torch 2.13 deprecates the ShardedTensor / load_state_dict API that megatron-core 0.16 loads
-    through, and says so on every load (three FutureWarnings a rank); nothing for a user to act on."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(DTensor|load_state_dict. is deprecated).*")
-        yield
-
-
-@contextlib.contextmanager
-def _in_process_write_queue() -> Iterator[None]:
-    """Collect the writers' results in a plain queue during a synchronous save.
-
-    Megatron's torch_dist writer reports through a queue made by
-    ``filesystem_async._get_write_results_queue``: a ``multiprocessing`` Manager
-    (a spawned server process, ~8 s on this 2-core machine for each new process,
-    since spawn re-imports the main module) so that async saves may run elsewhere.
-    A synchronous save reads the queue in the process that wrote it, so a
-    ``queue.Queue`` serves; it is swapped in for the duration of one save only.
-    """
-    original = filesystem_async._get_write_results_queue
-    writer = filesystem_async.FileSystemWriterAsync
-    original_write = writer.__dict__["write_preloaded_data"]
-    results: queue.Queue = queue.Queue()
-    with _patch_lock:
-        filesystem_async._get_write_results_queue = lambda: results
-        writer.write_preloaded_data = staticmethod(_dies_with_parent(original_write.__func__))
-        try:
-            yield
-        finally:
-            filesystem_async._get_write_results_queue = original
-            writer.write_preloaded_data = original_write
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _dies_with_parent(write: Any) -> Any:
-    """Megatron forks one writer process per bucket; a trainer SIGKILLed mid-save would leave them
-    running (holding hundreds of MB, its ports and files) until their write ends, or forever when it
-    blocks on the results queue. On Linux each writer asks the kernel to SIGKILL it when its parent
-    dies (prctl PR_SET_PDEATHSIG), and exits at once if the parent is already gone."""
-    parent = os.getpid()
-
-    def write_then_report(*args: Any, **kwargs: Any) -> Any:
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:  # the parent died between fork and prctl
-                os._exit(1)
-        return write(*args, **kwargs)
-
-    return write_then_report
-
-
 # ---------------------------------------------------------------------------------------------
 # Collective agreement: a rank that refuses must not leave the others in a collective.
 
@@ -410,7 +327,7 @@ def save_backbone(
     out.mkdir(parents=True, exist_ok=True)
     # thread_count=1: one writer process per rank (Megatron forks its writers), enough on CPU.
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-    with _in_process_write_queue():
+    with in_process_write_queue():
         dist_checkpointing.save(state, str(out), sharded_strategy=strategy)
     if dist.get_rank() == 0:
         _fix_save_id(out / _DCP_METADATA)
@@ -516,7 +433,7 @@ def load_backbone(dir: str | os.PathLike, model: torch.nn.Module, with_moments: 
         error = str(e)
     _agree(error)
 
-    with _safe_readers(), _quiet_torch_dcp():
+    with dist_checkpoint_reader(_SafeFileSystemReader), quiet_torch_dcp_deprecations():
         loaded = dist_checkpointing.load(
             state, str(out), sharded_strategy=TorchDistLoadShardedStrategy(), common_strategy=_SafeCommonLoadStrategy()
         )

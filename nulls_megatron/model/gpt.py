@@ -11,7 +11,6 @@ reruns a layer, which then gets the routing of its own forward back (recompute.p
 """
 from __future__ import annotations
 
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..config import Config
 from ..sinks.routing import SinkMode, SinkRouting
 from .attention_mask import block_causal_mask
-from .cpu_compat import apply_cpu_compat, cpu_transformer_config_overrides, pipeline_schedule_compat
+from ..compat import (apply_cpu_compat, cpu_transformer_config_overrides, pipeline_schedule_compat,
+                      quiet_unknown_mlp_notice)
 from .layer_spec import nulls_gpt_layer_spec
 from .nulls_mlp import NullsMegatronMLP, RoutingContext
 from .packed_attention import AttentionContext, PackedDotProductAttention, resolve_attention_backend
@@ -60,17 +60,6 @@ def transformer_config(cfg: Config, **overrides) -> TransformerConfig:
         kwargs.update(cpu_transformer_config_overrides())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
-
-
-class _DropUnknownMlpNotice(logging.Filter):
-    """Megatron's TransformerLayer logs "Unknown MLP type" for every layer whose MLP is not one of its
-    own; for the NULLs MLP that is expected (it takes the TP group from parallel_state itself)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Unknown MLP type")
-
-
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_DropUnknownMlpNotice())
 
 
 class NullsGPTModel(GPTModel):
@@ -169,6 +158,7 @@ class NullsGPTModel(GPTModel):
 def build_nulls_gpt(cfg: Config, **config_overrides) -> NullsGPTModel:
     """The model for this pipeline stage; model parallelism must be initialised first."""
     config = transformer_config(cfg, **config_overrides)
+    quiet_unknown_mlp_notice()
     with pipeline_schedule_compat():  # a tied embedding split over stages is synced via Tensor.cuda()
         return NullsGPTModel(
             config,

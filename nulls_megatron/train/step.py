@@ -14,7 +14,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..model.cpu_compat import pipeline_schedule_compat
+from ..compat import pipeline_schedule_compat
 from .device import batch_to_device
 from .packing import PackedRows
 

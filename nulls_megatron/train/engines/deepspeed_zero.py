@@ -13,7 +13,6 @@ comm op is switched off (``import_deepspeed``). docs/engines.md has what was mea
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..precision import use_bf16
+from ...compat import skip_deepspeed_shm_build
 from ...config import Config
 from ..device import batch_to_device
 from ..grad_norm import NonFiniteError, first_non_finite
@@ -45,14 +45,7 @@ def import_deepspeed() -> Any:
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    if not torch.cuda.is_available():
-        # DeepSpeed's torch comm backend JIT-compiles a C++ shared-memory all-reduce on the CPU
-        # accelerator when it is created (ninja + a compiler; measured 174 s on 2 cores, then
-        # cached in ~/.cache/torch_extensions). Only inference_all_reduce uses it; training
-        # collectives go through torch.distributed (gloo). Without it the backend keeps None,
-        # its documented "op not available" value.
-        comm_torch = importlib.import_module("deepspeed.comm.torch")
-        comm_torch.build_shm_op = lambda: None
+    skip_deepspeed_shm_build()
 
     # Its INFO lines (config dumps, timers, "Creating ZeRO optimizer ...") drown the trainer's.
     ds_logger.setLevel(logging.WARNING)

@@ -26,7 +26,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.transformer.module import Float16Module
 
 from ...config import Config
-from ...model.cpu_compat import pipeline_schedule_compat
+from ...compat import pipeline_schedule_compat
 from ..grad_norm import NonFiniteError, clip_by_global_norm, first_non_finite, global_grad_norm
 from ..step import forward_backward
 from ..packing import PackedRows

@@ -1,23 +1,42 @@
-"""Make Megatron-core 0.16.1 run on a CPU-only torch (gloo, no CUDA).
+"""Every patch of Megatron-core, torch or DeepSpeed behaviour, in one place, each applied explicitly.
 
-``apply_cpu_compat()`` installs a few targeted patches, only when CUDA is
-absent, and is idempotent.  ``cpu_transformer_config_overrides()`` gives the
-``TransformerConfig`` kwargs CPU needs, and ``model_parallel_seed(seed)`` is
-the CPU counterpart of ``tensor_parallel.model_parallel_cuda_manual_seed``.
-On a GPU machine nothing is patched and ``model_parallel_seed`` calls Megatron's
-own function.  docs/megatron_cpu.md lists the patches and what stays
-unsupported (pipeline schedules need more; see that page).
+What is patched, why, and where it is applied; every entry was checked against the versions in
+``CHECKED_AGAINST`` (``tests/test_megatron_cpu.py`` fails when the installed ones differ, so that an
+upgrade re-reads this list):
+
+| patch | why | applied by |
+|---|---|---|
+| ``apply_cpu_compat()``: ``torch.cuda.current_device``, the RNG tracker, the recompute RNG state, the default causal masks, ``torch.cuda.synchronize`` | Megatron-core assumes CUDA in a dozen places; CPU only, no-op with CUDA | model building and seeding |
+| ``pipeline_schedule_compat()``: ``device="cuda"`` factory calls and ``Tensor.cuda()`` mapped to the CPU | the pipeline schedules and a stage-split tied embedding allocate on CUDA; CPU only, for one call | schedules, optimizer, model building |
+| ``dist_checkpoint_reader(factory)``: Megatron's torch_dist load strategy reads through our reader | the strategy builds its reader with a module function and takes none as an argument; ours refuses pickled objects | backbone loads |
+| ``in_process_write_queue()``: the writers' results queue, and writers that die with their trainer | a ``multiprocessing`` Manager per save costs ~8 s on 2 cores; a SIGKILLed trainer left its forked writers running | backbone saves |
+| ``quiet_torch_dcp_deprecations()`` | torch 2.13 deprecates the DCP API megatron-core 0.16 loads through, three FutureWarnings a rank per load | backbone loads |
+| ``quiet_unknown_mlp_notice()`` | Megatron logs "Unknown MLP type" for every layer whose MLP is not its own: expected for the NULLs MLP | model building |
+| ``skip_deepspeed_shm_build()`` | DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce (174 s on 2 cores) used only for inference | the DeepSpeed engine, CPU only |
+
+``cpu_transformer_config_overrides()`` gives the ``TransformerConfig`` kwargs CPU needs, and
+``model_parallel_seed(seed)`` is the CPU counterpart of ``tensor_parallel.model_parallel_cuda_manual_seed``.
+docs/megatron_cpu.md explains the CPU patches and what stays unsupported.
 """
-
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import warnings
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
+
+CHECKED_AGAINST = {"megatron-core": "0.16.1", "torch": "2.13.0", "deepspeed": "0.19.8"}
 
 _APPLIED = False
 
@@ -244,3 +263,115 @@ def model_parallel_seed(seed: int) -> None:
     # GPU this also seeds the CPU generator, used by use_cpu_initialization.)
     torch.manual_seed(seed)
     mp_random.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# dist_checkpointing: the backbone's save and load
+
+_swap_lock = threading.Lock()  # the swaps below rebind module globals: one save or load at a time
+
+
+@contextlib.contextmanager
+def dist_checkpoint_reader(make_reader: Callable[[str], Any]) -> Iterator[None]:
+    """Megatron's torch_dist load strategy reads through ``make_reader(checkpoint_dir)`` for the duration.
+
+    The strategy builds its reader with the module function ``_get_filesystem_reader`` and offers no
+    argument for another, so that function is swapped (megatron/core/dist_checkpointing/strategies/torch.py)."""
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch_strategy
+
+    original = mcore_torch_strategy._get_filesystem_reader
+    with _swap_lock:
+        mcore_torch_strategy._get_filesystem_reader = lambda checkpoint_dir, cache_metadata=False: make_reader(checkpoint_dir)
+        try:
+            yield
+        finally:
+            mcore_torch_strategy._get_filesystem_reader = original
+
+
+@contextlib.contextmanager
+def quiet_torch_dcp_deprecations() -> Iterator[None]:
+    """torch 2.13 deprecates the ShardedTensor / load_state_dict API that megatron-core 0.16 loads
+    through, and says so on every load (three FutureWarnings a rank); nothing for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(DTensor|load_state_dict. is deprecated).*")
+        yield
+
+
+@contextlib.contextmanager
+def in_process_write_queue() -> Iterator[None]:
+    """Collect the writers' results in a plain queue during a synchronous save, from writers that
+    die with their parent.
+
+    Megatron's torch_dist writer reports through a queue made by
+    ``filesystem_async._get_write_results_queue``: a ``multiprocessing`` Manager (a spawned server
+    process, ~8 s on this 2-core machine for each new process, since spawn re-imports the main
+    module) so that async saves may run elsewhere. A synchronous save reads the queue in the process
+    that wrote it, so a ``queue.Queue`` serves; it is swapped in for the duration of one save only.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    original = filesystem_async._get_write_results_queue
+    writer = filesystem_async.FileSystemWriterAsync
+    original_write = writer.__dict__["write_preloaded_data"]
+    results: queue.Queue = queue.Queue()
+    with _swap_lock:
+        filesystem_async._get_write_results_queue = lambda: results
+        writer.write_preloaded_data = staticmethod(_dies_with_parent(original_write.__func__))
+        try:
+            yield
+        finally:
+            filesystem_async._get_write_results_queue = original
+            writer.write_preloaded_data = original_write
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_parent(write: Any) -> Any:
+    """Megatron forks one writer process per bucket; a trainer SIGKILLed mid-save would leave them
+    running (holding hundreds of MB, its ports and files) until their write ends, or forever when it
+    blocks on the results queue. On Linux each writer asks the kernel to SIGKILL it when its parent
+    dies (prctl PR_SET_PDEATHSIG), and exits at once if the parent is already gone."""
+    parent = os.getpid()
+
+    def write_then_report(*args: Any, **kwargs: Any) -> Any:
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died between fork and prctl
+                os._exit(1)
+        return write(*args, **kwargs)
+
+    return write_then_report
+
+
+# ---------------------------------------------------------------------------------------------
+# Notices
+
+
+class _DropUnknownMlpNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+
+_UNKNOWN_MLP_FILTER = _DropUnknownMlpNotice()
+
+
+def quiet_unknown_mlp_notice() -> None:
+    """Megatron's TransformerLayer logs "Unknown MLP type" for every layer whose MLP is not one of its
+    own; for the NULLs MLP that is expected (it takes the TP group from parallel_state itself).
+    Idempotent (a logger holds a filter once)."""
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_UNKNOWN_MLP_FILTER)
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's torch comm backend JIT-compiles a C++ shared-memory all-reduce on the CPU accelerator
+    when it is created (ninja + a compiler; measured 174 s on 2 cores, then cached in
+    ~/.cache/torch_extensions). Only inference_all_reduce uses it; training collectives go through
+    torch.distributed (gloo). Without it the backend keeps None, its documented "op not available"
+    value. CPU only: a no-op with CUDA."""
+    if torch.cuda.is_available():
+        return
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
