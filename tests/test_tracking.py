@@ -20,8 +20,9 @@ pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from nulls_megatron.config import Config  # noqa: E402
+from nulls_megatron.train.progress import format_progress  # noqa: E402
 from nulls_megatron.train.tracking import (  # noqa: E402
-    RUN_STATE_FILE, MlflowTracker, Tracker, TrackingError, TrackingSettings, create_tracker, format_progress,
+    RUN_STATE_FILE, MlflowTracker, Tracker, TrackingError, TrackingSettings, create_tracker,
 )
 
 REPO = Path(__file__).resolve().parents[1]

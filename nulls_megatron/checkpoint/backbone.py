@@ -20,7 +20,6 @@ kept as JSON. See docs/checkpoints.md, "Backbone".
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -32,21 +31,17 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
-from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-    CachedMetadataFileSystemReader,
-)
-from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     TorchDistLoadShardedStrategy,
     TorchDistSaveShardedStrategy,
 )
-from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.planner import LoadItemType
 
 from ..compat import dist_checkpoint_reader, in_process_write_queue, quiet_torch_dcp_deprecations
 from ..model.nulls_mlp import NullsMegatronMLP
 from ..sinks.table import SinkTable
 from .atomic import atomic_file
+from .dcp_safe_read import (DCP_METADATA, BackboneCheckpointError, SafeCommonLoadStrategy, SafeFileSystemReader,
+                            load_dcp_metadata)
 from .json_files import read_versioned_json
 
 __all__ = [
@@ -60,14 +55,9 @@ FORMAT_VERSION = 1
 BACKBONE_DIR = "backbone"
 MANIFEST = "nulls_backbone.json"
 MOMENT_PREFIX = "optimizer.state"  # Megatron's own prefix (optim_state_to_sharding_state)
-_DCP_METADATA = ".metadata"
 
 Moments = dict[str, dict[str, torch.Tensor]]
 ShardedEntry = ShardedTensor | ShardedTensorFactory
-
-
-class BackboneCheckpointError(ValueError):
-    """A backbone checkpoint that is missing, unsafe, or does not fit the model it is loaded into."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,60 +143,9 @@ def _leaf_tensors(entry: Any) -> Iterator[ShardedTensor]:
             yield from _leaf_tensors(v)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading torch DCP metadata without arbitrary unpickling
-
-_SAFE_GLOBALS = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # looks a layout up by name
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
-    *(("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata",
-    )),
-    *(("torch.distributed.checkpoint.planner", n) for n in (
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadPlan", "ReadItem", "LoadItemType",
-    )),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits torch DCP's metadata dataclasses/enums, torch.Size and dtypes; nothing callable else."""
-
-    def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
-        super().__init__(file)
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise BackboneCheckpointError(f"{self._path}: refusing to unpickle {module}.{name} (not checkpoint metadata)")
-
-
-def _load_dcp_metadata(path: Path) -> Any:
-    try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f, path).load()
-    except FileNotFoundError:
-        raise BackboneCheckpointError(f"{path.parent}: no backbone checkpoint ({path.name} missing)") from None
-    except BackboneCheckpointError:
-        raise
-    except Exception as e:  # truncated or garbled
-        raise BackboneCheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from e
-    if not hasattr(metadata, "state_dict_metadata"):
-        raise BackboneCheckpointError(f"{path}: not torch.distributed.checkpoint metadata")
-    return metadata
-
-
 def read_backbone_metadata(dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """``{key: {"shape": [...], "dtype": "float32"}}`` of every tensor in ``<dir>/backbone`` (safe unpickling)."""
-    metadata = _load_dcp_metadata(Path(dir) / BACKBONE_DIR / _DCP_METADATA)
+    metadata = load_dcp_metadata(Path(dir) / BACKBONE_DIR / DCP_METADATA)
     out = {}
     for key, md in metadata.state_dict_metadata.items():
         if hasattr(md, "size"):
@@ -215,33 +154,6 @@ def read_backbone_metadata(dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
             out[key] = {"bytes": True}
     return out
 
-
-class _SafeFileSystemReader(CachedMetadataFileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        if self._cached_metadata is None:
-            metadata = _load_dcp_metadata(Path(self.path) / _DCP_METADATA)
-            # As FileSystemReader.read_metadata does after its pickle.load.
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            self._cached_metadata = metadata
-        return self._cached_metadata
-
-    def read_data(self, plan: Any, planner: Any) -> Any:
-        # Byte items are torch.load-ed with weights_only=False by torch's planner.
-        for item in plan.items:
-            if item.type == LoadItemType.BYTE_IO:
-                raise BackboneCheckpointError(f"{self.path}: refusing to read pickled object {item.dest_index.fqn}")
-        return super().read_data(plan, planner)
-
-
-class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
-    def load_common(self, checkpoint_dir: str | os.PathLike) -> dict:
-        path = Path(checkpoint_dir) / COMMON_STATE_FNAME
-        if not path.is_file():
-            return {}
-        common = torch.load(path, map_location="cpu", weights_only=True)
-        return common if isinstance(common, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +242,7 @@ def save_backbone(
     with in_process_write_queue():
         dist_checkpointing.save(state, str(out), sharded_strategy=strategy)
     if dist.get_rank() == 0:
-        _fix_save_id(out / _DCP_METADATA)
+        _fix_save_id(out / DCP_METADATA)
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -351,7 +263,7 @@ def _fix_save_id(path: Path) -> None:
     """torch DCP records a random uuid (``storage_meta.save_id``) in ``.metadata``: the same state saved
     twice would differ in those bytes, and digests could not show that a resume reproduced a checkpoint.
     Nothing reads the id back, so it is replaced by a constant (the file re-pickled as torch writes it)."""
-    metadata = _load_dcp_metadata(path)
+    metadata = load_dcp_metadata(path)
     if getattr(metadata, "storage_meta", None) is not None:
         metadata.storage_meta.save_id = SAVE_ID
     with atomic_file(path) as tmp:
@@ -433,9 +345,9 @@ def load_backbone(dir: str | os.PathLike, model: torch.nn.Module, with_moments: 
         error = str(e)
     _agree(error)
 
-    with dist_checkpoint_reader(_SafeFileSystemReader), quiet_torch_dcp_deprecations():
+    with dist_checkpoint_reader(SafeFileSystemReader), quiet_torch_dcp_deprecations():
         loaded = dist_checkpointing.load(
-            state, str(out), sharded_strategy=TorchDistLoadShardedStrategy(), common_strategy=_SafeCommonLoadStrategy()
+            state, str(out), sharded_strategy=TorchDistLoadShardedStrategy(), common_strategy=SafeCommonLoadStrategy()
         )
     result = model.load_state_dict(loaded["model"], strict=False)
     sinks = tuple(_sink_prefixes(model))

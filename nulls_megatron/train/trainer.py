@@ -32,12 +32,13 @@ from .checkpointing import load_checkpoint, prepare_checkpoint_root, read_train_
 from .engines.base import Engine
 from .grad_norm import NonFiniteError
 from .loader import PackedLoader
-from .prefetch import PrefetchLoader
 from .lr_schedule import learning_rate
 from .precision import bf16_model_overrides, use_bf16
+from .prefetch import PrefetchLoader
 from .sink_stats import sink_statistics
 from .stop import StopRequest
-from .tracking import Tracker, TrackingSettings, create_tracker, format_progress
+from .progress import format_progress
+from .tracking import Tracker, TrackingSettings, create_tracker
 
 logger = logging.getLogger(__name__)
 
