@@ -93,6 +93,15 @@ def test_modes_through_the_model(megatron_world, per_layer):
         for mlp in mlps:
             mlp.sinks.disabled[:] = True
         torch.testing.assert_close(model(inputs, labels=labels, source_ids=sources), forgotten, atol=0, rtol=0)
+        # == backbone-only mode at unit scale (that mode also rescales the backbone by (p_gen + p_mem) / p_gen).
+        for mlp in mlps:
+            mlp.sinks.disabled[:] = False
+            mlp.sinks.backbone_scale = lambda routing: 1.0
+        backbone_unit = model(inputs, labels=labels, source_ids=sources, sink_mode="backbone")
+        for mlp in mlps:
+            del mlp.sinks.backbone_scale
+        torch.testing.assert_close(backbone_unit, forgotten, atol=1e-6, rtol=0)
+        assert not torch.allclose(model(inputs, labels=labels, source_ids=sources, sink_mode="backbone"), forgotten)
     with pytest.raises(ValueError, match="route_sources"):
         model(inputs, source_ids=sources, sink_mode="route")
 
