@@ -22,21 +22,42 @@ def _cfg(data, run_dir, **sections):
     return train_config(data, run_dir, **sections)
 
 
-def killed_during_second_save(rank: int, world_size: int, data: str, run_dir: str) -> None:
-    """Train; rank 0 SIGKILLs itself after every rank wrote the step-6 files, before the rename."""
+KILL_POINTS = ("sink_manifest", "backbone", "latest")
+
+
+def killed_during_second_save(rank: int, world_size: int, data: str, run_dir: str, point: str) -> None:
+    """Train; SIGKILL one rank while step 6 is saved: after every rank wrote the sink files (rank 0, before
+    the manifest's rename), after one rank wrote its backbone shard (rank 1, the other waits in the save),
+    or after the checkpoint's rename and before ``latest`` names it (rank 0)."""
     import nulls_megatron.train.checkpointing as checkpointing
     from nulls_megatron.train.trainer import train
 
-    real = checkpointing.write_sink_manifest
+    def dying(real, when, on_rank):
+        def call(dir, *args, **kwargs):
+            if when == "before" and rank == on_rank and "step-000000006" in str(args[0] if args else ""):
+                os.kill(os.getpid(), signal.SIGKILL)
+            out = real(dir, *args, **kwargs)
+            if when == "after" and rank == on_rank and "step-000000006" in str(dir):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        return call
 
-    def write_then_die(dir, parts, state=None):
-        path = real(dir, parts, state)
-        if "step-000000006" in str(dir):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return path
-
-    checkpointing.write_sink_manifest = write_then_die
+    if point == "sink_manifest":
+        checkpointing.write_sink_manifest = dying(checkpointing.write_sink_manifest, "after", 0)
+    elif point == "backbone":
+        checkpointing.save_backbone = dying(checkpointing.save_backbone, "after", 1)
+    else:  # update_latest(root, name): the checkpoint is renamed into place, the pointer not yet moved
+        checkpointing.update_latest = dying(checkpointing.update_latest, "before", 0)
     train(_cfg(data, run_dir))
+
+
+def _digests(checkpoint: str) -> dict:
+    """The recorded sha256 of every weight, moment and sink file of a checkpoint (not its config and
+    train state, which name the run directory)."""
+    from nulls_megatron.checkpoint.digests import read_digests
+
+    return {name: d["sha256"] for name, d in read_digests(Path(checkpoint)).items()
+            if name.startswith(("backbone/", "sinks/"))}
 
 
 def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
@@ -46,9 +67,16 @@ def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     full = train(_cfg(data, f"{root}/full"))
     first = train(_cfg(data, f"{root}/split"), stop_after=SAVE_EVERY)
     second = train(_cfg(data, f"{root}/split"))
-    killed_latest = read_latest(f"{root}/killed/checkpoints")
-    killed_entries = sorted(os.listdir(f"{root}/killed/checkpoints"))
-    after_kill = train(_cfg(data, f"{root}/killed"))
+    killed = {}
+    for point in KILL_POINTS:
+        checkpoints = f"{root}/killed-{point}/checkpoints"
+        latest, entries = str(read_latest(checkpoints)), sorted(os.listdir(checkpoints))
+        after = train(_cfg(data, f"{root}/killed-{point}"))
+        killed[point] = {"latest": latest, "entries": entries, "after": after, "digests": _digests(after.checkpoint),
+                         "remaining": sorted(os.listdir(checkpoints))}
+    # keep_last: a run that keeps one checkpoint holds only its newest (and `latest`).
+    kept = train(_cfg(data, f"{root}/keep1", train={"keep_last": 1}))
+    kept_entries = sorted(os.listdir(f"{root}/keep1/checkpoints"))
     # Stop requests: the STOP file (SLURM's pre-timeout trap) and SIGUSR1 to one rank. Both stop every
     # rank after the same step with a checkpoint; rerunning finishes the run as if never stopped.
     # A STOP left by an earlier job (its trap fired, then it crashed) is cleared at start, not obeyed.
@@ -86,9 +114,16 @@ def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     ds_full = train(train_config(data, f"{root}/ds_full", train=dict(zero)))
     ds_first = train(train_config(data, f"{root}/ds_split", train=dict(zero)), stop_after=2)
     ds_second = train(train_config(data, f"{root}/ds_split", train=dict(zero)))
-    return {"full": full, "first": first, "second": second, "after_kill": after_kill,
-            "killed_latest": str(killed_latest), "killed_entries": killed_entries,
-            "ds": (ds_full.losses, ds_first.losses, ds_second.losses), "stops": stops}
+    # Another data-parallel size (TP=2 on the 2 ranks: DP=1) refuses the DP=2 checkpoint: the data order is tied to it.
+    try:
+        train(train_config(data, f"{root}/split", parallel={"tensor_parallel": 2},
+                           train={"steps": STEPS + 3, "save_every": SAVE_EVERY}))
+        other_dp = None
+    except ValueError as e:
+        other_dp = str(e)
+    return {"full": full, "first": first, "second": second, "killed": killed, "kept": (kept.losses, kept_entries),
+            "digests": {name: _digests(r.checkpoint) for name, r in (("full", full), ("second", second))},
+            "ds": (ds_full.losses, ds_first.losses, ds_second.losses), "stops": stops, "other_dp": other_dp}
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +133,9 @@ def prep(tmp_path_factory) -> Path:
 
 def test_train_resume_kill_and_tracking(prep, tmp_path):
     data = str(prep)
-    with pytest.raises(RankFailedError, match="killed by signal 9|died|SIGKILL|signal"):
-        run_local(killed_during_second_save, 2, data, str(tmp_path / "killed"), timeout=300)
+    for point in KILL_POINTS:
+        with pytest.raises(RankFailedError, match="killed by signal 9|died|SIGKILL|signal"):
+            run_local(killed_during_second_save, 2, data, str(tmp_path / f"killed-{point}"), point, timeout=300)
     rank0, rank1 = run_local(resume_worker, 2, data, str(tmp_path), timeout=600)
 
     full = rank0["full"]
@@ -110,13 +146,30 @@ def test_train_resume_kill_and_tracking(prep, tmp_path):
     first, second = rank0["first"], rank0["second"]
     assert first.final_step == SAVE_EVERY and second.resumed_from.endswith("step-000000003")
     assert first.losses + second.losses == full.losses
-    # Killed while saving step 6: `latest` still named step 3, the debris went away, the rerun matched.
-    assert rank0["killed_latest"].endswith("step-000000003")
-    assert any(e.startswith(".step-000000006.tmp-") for e in rank0["killed_entries"]), rank0["killed_entries"]
-    after = rank0["after_kill"]
-    assert after.resumed_from.endswith("step-000000003") and after.losses == full.losses[SAVE_EVERY:]
-    ckpts = tmp_path / "killed" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000000003", "step-000000006"]
+    # Bit-identical means the weights, the moments and the sink files too, not only the losses.
+    assert rank0["digests"]["second"] == rank0["digests"]["full"] and len(rank0["digests"]["full"]) >= 6
+    # Killed while saving step 6 (sink files written; one rank's backbone shard written: the survivor's
+    # collective fails and removes its temp directory): `latest` still named step 3, no debris was left
+    # after the rerun, which matched the uninterrupted run in losses and bytes.
+    for point in ("sink_manifest", "backbone"):
+        k = rank0["killed"][point]
+        assert k["latest"].endswith("step-000000003"), point
+        assert "step-000000006" not in k["entries"], (point, k["entries"])
+        if point == "sink_manifest":  # rank 0 itself died: its temp directory stayed until the rerun
+            assert any(e.startswith(".step-000000006.tmp-") for e in k["entries"]), (point, k["entries"])
+        assert k["after"].resumed_from.endswith("step-000000003") and k["after"].losses == full.losses[SAVE_EVERY:], point
+        assert k["remaining"] == ["latest", "step-000000003", "step-000000006"], (point, k["remaining"])
+        assert k["digests"] == rank0["digests"]["full"], point
+    # Killed after step 6 was renamed into place, before `latest` named it: the complete checkpoint is
+    # taken (not refused as a hand-edited pointer, not trained again).
+    k = rank0["killed"]["latest"]
+    assert k["latest"].endswith("step-000000003") and "step-000000006" in k["entries"]
+    assert k["after"].resumed_from.endswith("step-000000006") and k["after"].steps_run == 0
+    assert k["digests"] == rank0["digests"]["full"]
+    assert (tmp_path / "killed-latest" / "checkpoints" / "latest").read_text().strip() == "step-000000006"
+    kept_losses, kept_entries = rank0["kept"]
+    assert kept_losses == full.losses and kept_entries == ["latest", "step-000000006"]
+    assert "saved with 2 data-parallel replicas, this run has 1" in rank0["other_dp"]
 
     for results in (rank0["stops"], rank1["stops"]):
         (file_step, file_reason, file_losses), (end1, none1, rest1), (sig_step, sig_reason, sig_losses), (end2, none2, rest2), \

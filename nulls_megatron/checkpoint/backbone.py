@@ -260,12 +260,15 @@ SAVE_ID = "nulls-backbone"
 
 
 def _fix_save_id(path: Path) -> None:
-    """torch DCP records a random uuid (``storage_meta.save_id``) in ``.metadata``: the same state saved
-    twice would differ in those bytes, and digests could not show that a resume reproduced a checkpoint.
-    Nothing reads the id back, so it is replaced by a constant (the file re-pickled as torch writes it)."""
+    """torch DCP records a random uuid (``storage_meta.save_id``) and the directory it wrote to
+    (``checkpoint_id``: our temp directory, with its pid) in ``.metadata``: the same state saved twice,
+    or by a resumed run into another directory, would differ in those bytes, and digests could not show
+    that a resume reproduced a checkpoint. Nothing reads either back (a load names its own directory),
+    so the id becomes a constant and the directory is dropped (the file re-pickled as torch writes it)."""
     metadata = load_dcp_metadata(path)
     if getattr(metadata, "storage_meta", None) is not None:
         metadata.storage_meta.save_id = SAVE_ID
+        metadata.storage_meta.checkpoint_id = None
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(metadata, f)

@@ -214,12 +214,26 @@ def _resume_point(root: Path, resume_from: str | None) -> Path | None:
                          "or use another train.run_dir to start afresh")
     order = [p for _, p in found]
     newer = [p.name for p in order[order.index(latest) + 1:]] if latest in order else []
+    if newer and _saved_after_the_pointer(root, order[-1], newer):
+        # A job killed between a save's rename and its `latest` update: the newer checkpoint is complete
+        # (renamed only once every file and its digest were on disk; the load verifies them again).
+        print(f"{order[-1].name} was saved after {latest.name} but the job ended before `latest` named it "
+              f"(killed between the rename and the pointer update): resuming from {order[-1].name}", flush=True)
+        update_latest(root, order[-1].name)
+        return order[-1]
     if newer:
         # `latest` edited by hand to an older checkpoint: resuming would die at the first save (its
         # step exists) after the compute is spent, so the sanctioned roll back is asked for instead.
         raise ValueError(f"{root / 'latest'} names {latest.name}, but newer checkpoints exist ({', '.join(newer)}); "
                          f"to roll back, run with --resume-from {latest.name} (newer ones move aside, never deleted)")
     return latest
+
+
+def _saved_after_the_pointer(root: Path, newest: Path, newer: list[str]) -> bool:
+    """One checkpoint newer than ``latest``, completed after ``latest`` was last written: what a kill
+    between a save's rename and its pointer update leaves (saves are one at a time). ``latest`` edited
+    by hand to an older checkpoint was written after the newer one, and is refused instead."""
+    return len(newer) == 1 and (root / "latest").stat().st_mtime_ns < newest.stat().st_mtime_ns
 
 
 def verify_checkpoint(path: Path) -> None:

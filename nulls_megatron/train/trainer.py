@@ -177,23 +177,27 @@ def build(cfg: Config, resumed: Path | None) -> Run:
         cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows, vocab_size=cfg.model.vocab_size,
         seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world, verify=cfg.train.verify_shards,
         max_document_tokens=cfg.train.max_document_tokens, skip_sources=off), depth=2 * n_micro)
-    engine = build_model_and_engine(cfg, n_micro)
-    run = Run(cfg, engine, loader, assignment_from_config(cfg.nulls), n_micro, start=0, tokens=0,
-              sources=SourceState(), off=off, resumed=resumed)
-    prepare_checkpoint_root(cfg)
-    if resumed is not None:
-        state, run.sources = load_checkpoint(resumed, engine, loader)
-        run.start, run.tokens = int(state["step"]), int(state["tokens"])
-        if run.sources.off_sources() != off:
-            raise RuntimeError(f"{resumed}: the sink manifest changed while it was loaded (off sources "
-                               f"{off[:5]}... then {run.sources.off_sources()[:5]}...)")
-        if dist.get_rank() == 0:
-            print(f"resuming from {resumed} (step {run.start})", flush=True)
-            if off:
-                print(f"{len(off)} sources are off in {resumed.name} ({len(run.sources.disabled_sources)} erased, "
-                      f"{len(run.sources.suppressed_sources)} suppressed): their documents will be skipped", flush=True)
-    if run.sources.sources_manifest is None:  # which titles the source indices stand for, for `nulls unlearn`
-        run.sources.sources_manifest = describe_sources_manifest(cfg.train.data) if dist.get_rank() == 0 else None
+    try:  # the prefetch thread is running: a refusal below must not leave it reading shards
+        engine = build_model_and_engine(cfg, n_micro)
+        run = Run(cfg, engine, loader, assignment_from_config(cfg.nulls), n_micro, start=0, tokens=0,
+                  sources=SourceState(), off=off, resumed=resumed)
+        prepare_checkpoint_root(cfg)
+        if resumed is not None:
+            state, run.sources = load_checkpoint(resumed, engine, loader)
+            run.start, run.tokens = int(state["step"]), int(state["tokens"])
+            if run.sources.off_sources() != off:
+                raise RuntimeError(f"{resumed}: the sink manifest changed while it was loaded (off sources "
+                                   f"{off[:5]}... then {run.sources.off_sources()[:5]}...)")
+            if dist.get_rank() == 0:
+                print(f"resuming from {resumed} (step {run.start})", flush=True)
+                if off:
+                    print(f"{len(off)} sources are off in {resumed.name} ({len(run.sources.disabled_sources)} erased, "
+                          f"{len(run.sources.suppressed_sources)} suppressed): their documents will be skipped", flush=True)
+        if run.sources.sources_manifest is None:  # which titles the source indices stand for, for `nulls unlearn`
+            run.sources.sources_manifest = describe_sources_manifest(cfg.train.data) if dist.get_rank() == 0 else None
+    except BaseException:
+        loader.close()
+        raise
     return run
 
 
