@@ -54,24 +54,12 @@ def _full_params(model) -> dict[str, torch.Tensor]:
 
 
 def reference(batches: list[PackedRows]) -> dict:
-    """DP=1 without DeepSpeed: mean loss over both micro-batches, torch clipping, torch AdamW."""
-    from nulls_megatron.train.engines.param_groups import adamw_param_groups
-    from nulls_megatron.train.step import _masked_mean_loss
+    """DP=1 without DeepSpeed: plain torch, importing nothing of the training code (tests/plain_reference.py)."""
+    from tests.plain_reference import plain_adamw_steps
 
     model = _build(1)
-    opt = config(1, 1).optimizer
-    optimizer = torch.optim.AdamW(adamw_param_groups(model, opt), lr=LR, betas=(opt.beta1, opt.beta2), eps=opt.eps, foreach=False)
-    losses, norms, exp_avg_norms = [], [], []
-    for _ in range(STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        per_batch = [_masked_mean_loss(b.loss_mask, model(b.tokens, labels=b.labels, source_ids=b.source_ids, document_ids=b.document_ids))[0] for b in batches]
-        loss = torch.stack(per_batch).mean()
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        exp_avg_norms.append(math.sqrt(sum(float(s["exp_avg"].pow(2).sum()) for s in optimizer.state.values())))
-    return {"losses": losses, "norms": norms, "exp_avg_norms": exp_avg_norms, "params": _full_params(model)}
+    out = plain_adamw_steps(model, batches, STEPS, lambda step: LR, config(1, 1).optimizer, CLIP)
+    return {**out, "params": _full_params(model)}
 
 
 def _moment_norm(engine) -> float:

@@ -5,7 +5,9 @@ One 2-process launch holds two runs from the same initial weights on the same gl
 (micro-batches b0 and b1):
 - DP=2 (PP=1): rank r trains on b_r alone;
 - PP=2 (DP=1): both micro-batches through the 1F1B schedule, tied embeddings split over two stages
-  (PP=2 equals PP=1 exactly: tests/test_pipeline_parallel.py), so it is the DP=1 reference.
+  (PP=2 equals PP=1 exactly: tests/test_pipeline_parallel.py), so it is the DP=1 reference;
+and, independent of Megatron's engine, the plain-torch reference of tests/plain_reference.py (one
+process, torch AdamW, clipping written out) on both micro-batches.
 """
 from __future__ import annotations
 
@@ -37,14 +39,17 @@ def _run(cfg, initial: dict, batches: list[PackedRows]) -> dict:
             p.copy_(initial[global_param_name(model, source)])
     engine = MegatronDDPEngine(model, cfg)
     before = engine.eval_loss(batches)
-    losses, norms = [], []
+    losses, norms, exp_avg_norms = [], [], []
     for step in range(STEPS):
         loss, norm = engine.train_step(batches, lr=learning_rate(step, STEPS, cfg.optimizer))
         losses.append(loss)
         norms.append(norm)
+        exp_avg_norms.append(math.sqrt(sum(float(engine.moments(p)["exp_avg"].double().pow(2).sum())
+                                           for p in model.parameters())))
     params = {global_param_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
     moments = {global_param_name(model, n): engine.moments(p)["exp_avg_sq"] for n, p in model.named_parameters()}
-    return {"before": before, "losses": losses, "norms": norms, "params": params, "moments": moments, "steps": engine.optimizer_steps(),
+    return {"before": before, "losses": losses, "norms": norms, "exp_avg_norms": exp_avg_norms, "params": params,
+            "moments": moments, "steps": engine.optimizer_steps(),
             "first": parallel_state.is_pipeline_first_stage(), "last": parallel_state.is_pipeline_last_stage()}
 
 
@@ -64,9 +69,19 @@ def dp_pp_worker(rank: int, world_size: int) -> dict:
     init_model_parallel(ParallelConfig(pipeline_parallel=1), 1234)  # DP=2: identical weights on both ranks
     initial = {n: p.detach().clone() for n, p in build_nulls_gpt(_config()).named_parameters()}
     data_parallel = _run(_config(), initial, [b[rank]])
+    # The plain-torch reference, no engine: both micro-batches in one process (no collective runs in it).
+    from tests.plain_reference import plain_adamw_steps
+
+    plain_model = build_nulls_gpt(_config())
+    with torch.no_grad():
+        for name, p in plain_model.named_parameters():
+            p.copy_(initial[name])
+    cfg = _config()
+    plain = plain_adamw_steps(plain_model, b, STEPS, lambda step: learning_rate(step, STEPS, cfg.optimizer),
+                              cfg.optimizer, cfg.optimizer.clip_grad)
     init_model_parallel(ParallelConfig(pipeline_parallel=2), 1234)  # PP=2, DP=1: both micro-batches
     pipeline = _run(_config(pipeline_parallel=2), initial, b)
-    return {"dp": data_parallel, "pp": pipeline}
+    return {"dp": data_parallel, "pp": pipeline, "plain": plain}
 
 
 def test_data_parallel_2_equals_pipeline_parallel_with_tied_embeddings():
@@ -93,6 +108,18 @@ def test_data_parallel_2_equals_pipeline_parallel_with_tied_embeddings():
     # Tied embeddings: the last stage's output weight got the same gradient and update as the embedding.
     assert torch.equal(pp_first["params"]["embedding.word_embeddings.weight"], pp_last["params"]["output_layer.weight"])
     assert pp_first["steps"] == dp["steps"] == STEPS
+    # Against the independent plain-torch reference: losses, norms, weights.
+    plain = first["plain"]
+    for step in range(STEPS):
+        assert abs(dp["losses"][step] - plain["losses"][step]) < 1e-5, (dp["losses"], plain["losses"])
+        assert math.isclose(dp["norms"][step], plain["norms"][step], rel_tol=1e-5), (dp["norms"], plain["norms"])
+    for name, value in dp["params"].items():
+        assert torch.allclose(value, plain["params"][name], atol=2e-5, rtol=0), f"DP=2 vs plain torch differ on {name}"
+    # Clipping scaled what AdamW stepped with: after step 1 its first moment is (1 - beta1) x the clipped
+    # gradient, whose norm is the threshold (the unclipped one's would be 2-5x larger).
+    clip, beta1 = _config().optimizer.clip_grad, _config().optimizer.beta1
+    assert dp["exp_avg_norms"][0] == pytest.approx((1 - beta1) * clip, rel=1e-4), dp["exp_avg_norms"]
+    assert plain["exp_avg_norms"][0] == pytest.approx((1 - beta1) * clip, rel=1e-4)
     moved = dp["moments"]["decoder.layers.0.mlp.sinks.weight"]
     assert moved.abs().sum() > 0 and torch.allclose(moved, pp_first["moments"]["decoder.layers.0.mlp.sinks.weight"], rtol=1e-4, atol=1e-12)
 
