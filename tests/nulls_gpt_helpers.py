@@ -110,3 +110,25 @@ def packed_micro_batches(seed: int = 0) -> list:
     rows = list(pack_documents(docs, SEQ))
     assert len(rows) >= 4
     return [PackedRows.stack(rows[i : i + 2]) for i in (0, 2)]
+
+
+def adjacent_documents_of_one_source(seed: int = 5, split: int = 12) -> tuple:
+    """(row, changed, one_document): one packed row holding two documents of source 7 side by side
+    (document ids 0 and 1, split at ``split``), the same row with the first document's tokens changed,
+    and ``changed`` labelled as one document; the loss mask covers the second document only. With
+    document-id attention the second document's losses are equal in ``row`` and ``changed``."""
+    from nulls_megatron.train.packing import PackedRows
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (1, SEQ + 1), generator=gen)
+    changed_tokens = tokens.clone()
+    changed_tokens[0, :split] = (changed_tokens[0, :split] + 5) % VOCAB
+    sources = torch.full((1, SEQ), 7)
+    docs = torch.zeros(1, SEQ, dtype=torch.int64)
+    docs[0, split:] = 1
+    mask = (docs == 1).float()
+
+    def rows(t: torch.Tensor, d: torch.Tensor) -> PackedRows:
+        return PackedRows(tokens=t[:, :-1], labels=t[:, 1:], source_ids=sources, document_ids=d, loss_mask=mask)
+
+    return rows(tokens, docs), rows(changed_tokens, docs), rows(changed_tokens, torch.zeros_like(docs))

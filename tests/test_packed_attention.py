@@ -200,15 +200,33 @@ def tp_steps(tensor_parallel: int, backend: str) -> dict:
     return {"losses": losses, "grads": grads}
 
 
+def isolation_at_tp2() -> dict:
+    """Two adjacent documents of one source, each TP rank with half the heads: the second document's
+    per-token losses do not see the first's tokens; labelled one document, they do."""
+    from tests.nulls_gpt_helpers import adjacent_documents_of_one_source
+
+    init_single_process_megatron(tensor_parallel=2)
+    model = build("sdpa", 2)
+    row, changed, one_document = adjacent_documents_of_one_source()
+    with torch.no_grad():
+        losses = [model(r.tokens, labels=r.labels, source_ids=r.source_ids, document_ids=r.document_ids)[0, 12:]
+                  for r in (row, changed, one_document)]
+    return {"isolated": float((losses[0] - losses[1]).abs().max()), "one_document": float((losses[0] - losses[2]).abs().max())}
+
+
 def tp_worker(rank: int, world_size: int) -> dict:
-    return {"sdpa2": tp_steps(2, "sdpa"), "masked2": tp_steps(2, "masked"), "sdpa1": tp_steps(1, "sdpa")}
+    return {"sdpa2": tp_steps(2, "sdpa"), "masked2": tp_steps(2, "masked"), "sdpa1": tp_steps(1, "sdpa"),
+            "isolation": isolation_at_tp2()}
 
 
 def test_tensor_parallel_2_equals_1_with_sdpa():
     """Each TP rank attends with its share of heads (and query groups); gathered gradients and the
-    losses equal TP=1, and equal the masked path at TP=2."""
+    losses equal TP=1, and equal the masked path at TP=2; two adjacent documents of one source stay
+    isolated at TP=2."""
     results = run_local(tp_worker, 2, timeout=240)
     for rank, result in enumerate(results):
+        # Adjacent documents of one source stay apart under TP=2 too (and the check can fail).
+        assert result["isolation"]["isolated"] == 0.0 and result["isolation"]["one_document"] > 1e-4, result["isolation"]
         ref = result["sdpa1"]
         for other in ("sdpa2", "masked2"):
             for step in range(STEPS):

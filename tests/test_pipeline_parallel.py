@@ -71,7 +71,14 @@ def pipeline_worker(rank: int, world_size: int) -> dict:
             "weights": _compare(weights_pp1, weights),
             "weights_moved": max(float((weights[k] - initial[k]).abs().max()) for k in weights),
         }
+    # Two adjacent documents of one source, their layers on two stages: the second's loss does not see
+    # the first's tokens (document ids reach every stage); labelled one document, it does.
+    from nulls_megatron.train.step import forward_backward
+    from tests.nulls_gpt_helpers import adjacent_documents_of_one_source
+
+    isolation = [forward_backward(stage, [r], forward_only=True) for r in adjacent_documents_of_one_source()]
     return {
+        "isolation": isolation,
         "pp1": losses_pp1,
         "pp2": losses_pp2["none"],
         "pp2_recompute": losses_pp2["full"],
@@ -92,6 +99,9 @@ def test_pipeline_parallel_2_equals_1():
     for step, (a, b) in enumerate(zip(pp1, pp2)):
         assert abs(a - b) < 1e-5, (step, pp1, pp2)
     assert last["pp2_recompute"] == pp2, "activation recompute changes no loss of the three steps"
+    assert first["isolation"] == [None] * 3
+    row, changed, one_document = last["isolation"]
+    assert row == changed and abs(row - one_document) > 1e-4, last["isolation"]
     for rank, result in enumerate(results):
         for recompute, check in result["checks"].items():
             where = f"rank {rank}, recompute {recompute}"
