@@ -49,7 +49,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import (DATA, QUICK_MODEL_OVERRIDES, ROOT, Job, ensure_routing_index,  # noqa: E402
                                 finished_checkpoint, open_routing_index, read_json, require_data, run_jobs,
-                                run_prep_configs, say, train_job, unlearned_version, write_json)
+                                run_prep_configs, say, train_job, unlearned_version,
+                                use_study_store, write_json)
 
 MODEL_CONFIG = ROOT / "configs" / "repro_small.yaml"
 BOOKS = DATA / "books" / "sherlock_holmes"
@@ -383,6 +384,7 @@ def main() -> None:
         shutil.rmtree(out)
     began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    say(f"MLflow: every run of this study in one store; look with: mlflow ui --backend-store-uri {use_study_store(out)}")
     settings = out / "settings.json"
     if settings.is_file() and read_json(settings) != dataclasses.asdict(s):
         sys.exit(f"{out} holds a study with other settings ({settings}); use another --out or --fresh")

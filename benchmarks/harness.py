@@ -31,6 +31,14 @@ QUICK_MODEL_OVERRIDES = ["model.seq_length=128", "model.hidden_size=32", "nulls.
                          "optimizer.warmup_steps=5"]
 
 
+def use_study_store(out: Path) -> str:
+    """Every run of a study (trainings, evaluations) tracked in one MLflow store, OUT/mlflow.db, unless
+    MLFLOW_TRACKING_URI names another: children inherit it (they run in the checkout, whose ./mlflow.db
+    would otherwise be the default). Returns the URI, for the ``mlflow ui`` line."""
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(out).resolve() / 'mlflow.db'}")
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
 def say(line: str) -> None:
     print(line, flush=True)
 

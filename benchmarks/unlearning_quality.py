@@ -66,7 +66,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import (DATA, QUICK_MODEL_OVERRIDES, ROOT, Job, ensure_routing_index,  # noqa: E402
                                 finished_checkpoint, index_requests, open_routing_index, read_json, require_data,
-                                run_jobs, run_prep_configs, say, train_job, unlearned_version, write_json)
+                                run_jobs, run_prep_configs, say, train_job, unlearned_version,
+                                use_study_store, write_json)
 
 MODEL_CONFIG = ROOT / "configs" / "repro_small.yaml"
 PREP_CONFIG = ROOT / "configs" / "prep_repro_small.yaml"
@@ -838,6 +839,7 @@ def main() -> None:
         shutil.rmtree(out)
     began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    say(f"MLflow: every run of this study in one store; look with: mlflow ui --backend-store-uri {use_study_store(out)}")
     wanted = dataclasses.asdict(s)
     if settings_path(out).is_file() and read_json(settings_path(out)) != wanted:
         sys.exit(f"{out} holds a run with other settings ({settings_path(out)}); use another --out or --fresh")

@@ -127,7 +127,7 @@ class OptimizerConfig:
 @dataclass
 class TrainConfig:
     data: str = ""  # output directory of `nulls prep` (shards/index.json, tokenizer, manifest)
-    run_dir: str = "runs/nulls"  # checkpoints/, mlflow.db, logs
+    run_dir: str = "runs/nulls"  # checkpoints/, logs, mlflow_run.json (the run id in the MLflow store, for resume)
     steps: int = 100
     micro_batch_rows: int = 4  # packed rows of seq_length per micro-batch and rank
     global_batch_rows: int = 8  # rows per optimizer step over all data-parallel replicas

@@ -45,6 +45,20 @@ def trained_run_config(prep_dir: Path, run_dir: Path, tensor_parallel: int = 2) 
     return cfg.to_dict()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_mlflow_store(tmp_path_factory):
+    """Every run a test tracks goes to one store of this session (inherited by spawned ranks and child
+    processes), never to ./mlflow.db in the checkout, the default outside tests."""
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        yield
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> TrainedRun:
     """A NULLs GPT trained for 12 steps at TP=2 on 2 gloo processes (so that every reader must reshard),

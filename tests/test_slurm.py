@@ -165,7 +165,7 @@ def test_sbatch_pretrain_script_one_node_two_cpu_ranks(slurm_cluster, tmp_path):
         "OVERRIDES": f"train.data={prep} train.steps={STEPS} train.save_every=1000",
         "RUN_DIR": str(run_dir),
         "MASTER_PORT": str(find_free_port()),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{run_dir}/mlflow.db",  # the trainer's default, whatever the caller's env
+        "MLFLOW_TRACKING_URI": f"sqlite:///{run_dir}/mlflow.db",  # a store of its own, whatever the caller's env
     }
     # sbatch's --export splits on commas only: the space-separated OVERRIDES stay one value.
     waiting = subprocess.Popen(

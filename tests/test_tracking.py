@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _local_store_by_default(monkeypatch):
+def _local_store_by_default(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db: never the checkout's
 
 
 def _free_port() -> int:
@@ -54,7 +55,7 @@ def _config() -> dict:
 def test_local_sqlite_store(tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    monkeypatch.chdir(cwd)  # nothing may land in the working directory (MLflow's ./mlruns default)
+    monkeypatch.chdir(cwd)  # the store lands in the working directory, as mlflow.db, and nothing else does
     summary = tmp_path / "sources_summary.json"
     summary.write_text(json.dumps({"sources": 206}))
     sinks = tmp_path / "sinks_manifest.json"
@@ -67,7 +68,8 @@ def test_local_sqlite_store(tmp_path, monkeypatch):
 
     run_id = tracker.start(run_dir, _config(), run_name="unit-run", tags={"purpose": "test"},
                            artifacts=[summary, sinks])
-    assert tracker.tracking_uri == f"sqlite:///{run_dir.resolve()}/mlflow.db"
+    assert tracker.tracking_uri == f"sqlite:///{cwd.resolve()}/mlflow.db"
+    assert not (run_dir / "mlflow.db").exists(), "one store for every run, not one per run directory"
     assert json.loads((run_dir / RUN_STATE_FILE).read_text())["run_id"] == run_id
     for step in range(48):
         tracker.log_step(step, _metrics(step))
@@ -104,7 +106,8 @@ def test_local_sqlite_store(tmp_path, monkeypatch):
     assert names == {"config.yaml", "sources_summary.json", "sinks_manifest.json"}
     local = client.download_artifacts(run_id, "config.yaml", str(tmp_path))
     assert yaml.safe_load(Path(local).read_text()) == _config()
-    assert list(cwd.iterdir()) == []
+    # The store, its start-up lock and its artifacts beside it; no ./mlruns (MLflow's file-store default).
+    assert {p.name for p in cwd.iterdir()} <= {"mlflow.db", "mlflow.db.lock", "mlartifacts"}
 
 
 def test_resume_continues_the_same_run(tmp_path, caplog):
@@ -286,3 +289,25 @@ def test_progress_eta_after_a_resume():
     # Resumed at step 900 of 1000, 50 steps in 100 s: 50 more steps take another 100 s.
     assert format_progress(950, 1000, 2.0, 1000.0, 100.0, start_step=900).endswith("elapsed 1m40s | ETA 1m40s")
     assert format_progress(900, 1000, 2.0, 0.0, 0.0, start_step=900).endswith("ETA ?")
+
+
+def _start_in_shared_store(index: int, root: str) -> str:
+    tracker = create_tracker(rank=0, settings=TrackingSettings(experiment="together", on_unavailable="fail"))
+    run_id = tracker.start(Path(root) / f"run{index}", {"index": index})
+    tracker.log_step(1, {"loss": float(index)})
+    tracker.finish("FINISHED")
+    return run_id
+
+
+def test_runs_started_at_once_share_one_new_store(tmp_path):
+    """Two processes open a store that does not exist yet at the same moment (the studies start two
+    trainings side by side): both runs land in the one store, in one experiment."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        run_ids = pool.starmap(_start_in_shared_store, [(0, str(tmp_path)), (1, str(tmp_path))])
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    assert len(set(run_ids)) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.info.experiment_id for r in runs}) == 1
+    assert sorted(client.get_metric_history(r.info.run_id, "loss")[0].value for r in runs) == [0.0, 1.0]

@@ -195,10 +195,13 @@ def test_train_resume_kill_and_tracking(prep, tmp_path):
     assert len(sinks["files"]) == 4  # 2 layers x 2 pool shards
     assert (step6 / "backbone").is_dir() and (step6 / "config.yaml").is_file()
 
-    # MLflow: the run in the local sqlite store, with params, metrics, tags.
+    # MLflow: the run, with params, metrics, tags.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'full' / 'mlflow.db'}")
+    # The run directory names its run in the one store every run of the session shares.
+    state = json.loads((tmp_path / "full" / "mlflow_run.json").read_text())
+    assert not (tmp_path / "full" / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
     run = client.get_run(full.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.hidden_size"] == "64" and run.data.params["train.engine"] == "megatron"

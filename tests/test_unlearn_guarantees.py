@@ -346,7 +346,7 @@ def test_unused_rows_stay_bit_identical_and_erased_rows_stay_zero(trained, engin
     if engine == "megatron":  # the MLflow record of the resumed run
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=f"sqlite:///{root / engine / 'mlflow.db'}")
+        client = MlflowClient(tracking_uri=json.loads((root / engine / "mlflow_run.json").read_text())["tracking_uri"])
         docs = client.get_metric_history(run["run_id"], "data/skipped_forgotten_documents")
         tokens = client.get_metric_history(run["run_id"], "data/skipped_forgotten_tokens")
         assert [m.step for m in docs] == list(range(PHASE1 + 1, PHASE1 + PHASE2 + 1))

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_file
-from ..train.tracking import artifact_location
+from ..train.tracking import artifact_location, default_tracking_uri, store_lock
 
 MODE_NAMES = {"own": "own sinks", "nearest": "nearest surviving source (Sink-Off)", "backbone": "backbone only",
               "expected": "expected"}
@@ -139,11 +138,12 @@ def log_to_mlflow(result: dict, files: list[Path], params: dict, experiment: str
     """One MLflow run with the metrics, the parameters and the report files as artifacts; its id."""
     import mlflow
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location(uri))
-    run = client.create_run(exp_id, run_name=run_name)
+    uri = tracking_uri or default_tracking_uri()
+    with store_lock(uri):  # a new store is migrated when the client first opens it
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location(uri))
+        run = client.create_run(exp_id, run_name=run_name)
     run_id = run.info.run_id
     for key, value in params.items():
         client.log_param(run_id, key, str(value)[:500])

@@ -8,8 +8,10 @@ dashboard) and is retried at the next flush. See docs/tracking.md.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import fcntl
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -131,7 +133,7 @@ class MlflowTracker(Tracker):
         if missing:
             raise TrackingError(f"tracking artifacts do not exist: {', '.join(missing)}")
         config = _plain(config)
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
+        uri = default_tracking_uri()
         self.tracking_uri = uri
         for key, value in HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -153,11 +155,12 @@ class MlflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         self._Metric = Metric
-        client = self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        experiment_id = _experiment_id(client, self._experiment_name(config), artifact_location(self.tracking_uri))
-        run = self._resumable_run(client, run_dir)
-        if run is None:
-            run = client.create_run(experiment_id, run_name=run_name)
+        with store_lock(self.tracking_uri):  # a new store is migrated when the client first opens it
+            client = self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            experiment_id = _experiment_id(client, self._experiment_name(config), artifact_location(self.tracking_uri))
+            resumed = self._resumable_run(client, run_dir)
+            run = resumed or client.create_run(experiment_id, run_name=run_name)
+        if resumed is None:
             _write_json_atomic(run_dir / RUN_STATE_FILE, {"run_id": run.info.run_id, "tracking_uri": self.tracking_uri,
                                                           "experiment_id": experiment_id})
         else:
@@ -311,6 +314,34 @@ class MlflowTracker(Tracker):
         self.run_id = None
 
 
+STORE_NAME = "mlflow.db"
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else MLflow's convention: one sqlite store in the working
+    directory (``./mlflow.db``) for every run started there, so that one ``mlflow ui`` shows and
+    compares them all (NULLs, oracle, baselines, evaluations)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(STORE_NAME).resolve()}"
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise starting runs in one local sqlite store: processes that open a new store at once race
+    in its schema migration (~7 s) and in creating an experiment. A lock file beside the store; a no-op
+    for any other store (a server or a database serialises itself)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def artifact_location(tracking_uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside a local sqlite store (MLflow's default is
     ./mlruns in the working directory, wherever the store is); the server's choice otherwise."""
@@ -396,7 +427,7 @@ def _probe_server(uri: str, timeout_s: float) -> None:
         reason = getattr(e, "reason", e)
         raise TrackingError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {reason} "
                             f"(waited at most {timeout_s:g} s). Start the server, fix or unset MLFLOW_TRACKING_URI "
-                            f"(unset: local sqlite store in the run dir), or set tracking on_unavailable=warn "
+                            f"(unset: the sqlite store ./mlflow.db in the working directory), or set tracking on_unavailable=warn "
                             f"to train without tracking.") from e
 
 
