@@ -295,13 +295,9 @@ def relearn_steps(row: dict, limit: int) -> int:
     return limit + 1 if steps is None else int(steps)
 
 
-def best_recovery(curve: list[float], before: float) -> float:
-    """The largest share of the gap to the pre-unlearning loss that relearning closed at any step."""
-    gap = curve[0] - before
-    return (curve[0] - min(curve)) / gap if gap > 0 else math.nan
-
-
 def summary_lines(result: dict, s: Settings, plan: dict) -> tuple[str, str]:
+    from nulls_megatron.eval.relearn import best_recovery
+
     m = result["models"]
     lines = [f"{len(plan['book_sources'])} books ({plan['book_tokens']:,} tokens) among {plan['documents']:,} sources, "
              f"{plan['epochs']} epochs ({plan['steps']} steps); one seed",

@@ -519,21 +519,14 @@ def build_jobs(out: Path, s: Settings, plan: dict) -> list[Job]:
 # Summary: metrics per run, means and spreads, goals, plots, RESULT
 
 
-def best_recovery(curve: list[float], before: float) -> float:
-    """The largest share of the unlearning that the relearning attack undid at any step:
-    ``(curve[0] - min(curve)) / (curve[0] - before)``. Unlike the halfway step, it does not depend on
-    the attack getting halfway before fine-tuning on the first halves starts to overfit them (the
-    second-half loss then rises again)."""
-    gap = curve[0] - before
-    return (curve[0] - min(curve)) / gap if gap > 0 else math.nan
-
-
 def _censored(steps: int | None, limit: int) -> tuple[int, bool]:
     return (limit + 1, True) if steps is None else (steps, False)
 
 
 def run_metrics(run: dict) -> dict:
     """The numbers of one (seed, forget set) evaluation that the summary reports."""
+    from nulls_megatron.eval.relearn import best_recovery
+
     e = run["eval"]
     sf, sr = e["summary"][FORGET_MODE], e["summary"][RETAIN_MODE]
     tr = e["truth_ratio"]["by_model"]

@@ -12,7 +12,7 @@ import torch
 
 from nulls_megatron.eval.baselines import dense_active_config, mean_loss, npo_loss, unlearn_posthoc
 from nulls_megatron.eval.documents import prep_documents
-from nulls_megatron.eval.relearn import halfway_step, relearn, split_halves
+from nulls_megatron.eval.relearn import best_recovery, halfway_step, relearn, split_halves
 from nulls_megatron.eval.scoring import CheckpointModel
 from nulls_megatron.eval.sustainability import capped_sizes, sustainability
 from tests.conftest import GROUP_SOURCES
@@ -44,6 +44,15 @@ def test_halfway_step_on_synthetic_curves():
     assert halfway_step([5.0, 4.0], before) == 1  # reaching the target exactly counts
     assert halfway_step([5.0, 4.9, 4.8], before) is None
     assert halfway_step([2.9, 3.5], before) == 0  # never above the pre-unlearning loss
+
+
+def test_best_recovery_is_the_largest_share_undone_at_any_step():
+    before = 3.0
+    # Down to 4.2 (0.4 of the gap of 2.0), then back up as the attack overfits: the best share stays 0.4.
+    assert best_recovery([5.0, 4.6, 4.2, 4.5, 4.9], before) == pytest.approx(0.4)
+    assert best_recovery([5.0, 2.5], before) == pytest.approx(1.25)  # past the pre-unlearning loss
+    assert best_recovery([5.0, 5.1], before) == 0.0
+    assert math.isnan(best_recovery([2.9, 2.5], before))  # unlearning raised nothing to undo
 
 
 def test_ga_and_npo_raise_the_forget_loss_deterministically(model, forget):

@@ -61,6 +61,15 @@ def halfway_step(curve: Sequence[float], before: float, fraction: float = HALFWA
     return next((i for i, loss in enumerate(curve) if loss <= target), None)
 
 
+def best_recovery(curve: Sequence[float], before: float) -> float:
+    """The largest share of the unlearning that the relearning attack undid at any step:
+    ``(curve[0] - min(curve)) / (curve[0] - before)``. Unlike the halfway step, it does not depend on
+    the attack getting halfway before fine-tuning on the first halves starts to overfit them (the
+    second-half loss then rises again); NaN when unlearning raised nothing to undo."""
+    gap = curve[0] - before
+    return (curve[0] - min(curve)) / gap if gap > 0 else math.nan
+
+
 def split_halves(docs: Sequence[Document]) -> tuple[list[Document], list[Document]]:
     """Each document's first and second half of its tokens (documents under 4 tokens are dropped:
     a half needs a label)."""
