@@ -76,7 +76,8 @@ def run_prep_configs(paths: Sequence[Path]) -> None:
     import ray
 
     from data_prep.config import load_prep_config
-    from data_prep.pipeline import connect_ray, run_prep
+    from data_prep.pipeline import run_prep
+    from data_prep.ray_session import connect_ray
 
     started = connect_ray(load_prep_config(paths[0]).ray)
     try:

@@ -16,17 +16,12 @@ order in which tasks finish, or where a previous run was killed.
 """
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import json
-import logging
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,11 +30,12 @@ import ray
 from tqdm import tqdm
 
 from data_prep import tasks
-from data_prep.config import PrepConfig, RayConfig
+from data_prep.config import PrepConfig
 from data_prep.documents import Chunk, InputError, SkipReport
 from data_prep.manifest import (MANIFEST_NAME, duplicate_reason, number_sources, read_manifest, title_hashes,
                                 write_manifest, write_title_index)
-from data_prep.readers import InputSpec, plan_chunks, read_chunk
+from data_prep.ray_session import connect_ray
+from data_prep.readers import InputSpec, input_bytes, plan_chunks, read_chunk
 from data_prep.shards import (SHARD_DIR, SHARD_INDEX_NAME, ShardInfo, estimate_sample_bytes, plan_shards,
                               shard_index_json, shard_name)
 from data_prep.tokenizer import card_json, sha256, token_dtype, tokenizer_card, train_tokenizer
@@ -47,109 +43,11 @@ from data_prep.tokenizer import processor as load_processor
 
 REPORT_NAME = "prep_report.json"
 _TRASH = ".work-deleting"
-LOOPBACK = "127.0.0.1"
 _EXAMPLES = 3  # skipped records quoted per input in the "yields no document" error
 
 _encode_task = ray.remote(tasks.encode_chunk)
 _sample_task = ray.remote(tasks.sample_chunk)
 _shard_task = ray.remote(tasks.write_shard_unit)
-
-
-@contextlib.contextmanager
-def _loopback_node() -> Iterator[None]:
-    """While Ray starts, make its node address the loopback one, so every Ray server binds to it.
-
-    Ray 2.60 binds its servers (GCS, raylet, workers, agents) to the node address when that is the
-    loopback address and to every interface (``::``) otherwise, and ``ray.init(_node_ip_address=
-    "127.0.0.1")`` alone does not help: ``resolve_ip_for_localhost`` turns it into the LAN address on
-    Linux. Only with Ray's ``ENABLE_RAY_CLUSTER`` switch off (its documented environment variable
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the setting macOS and Windows run with) is the node
-    address 127.0.0.1. The variable is read when Ray is imported, so the module constant is set too;
-    the started processes inherit the variable. Both are restored afterwards, so a later ray.init
-    of a cluster in this process is not affected."""
-    from ray._private import ray_constants
-
-    name = getattr(ray_constants, "ENABLE_RAY_CLUSTERS_ENV_VAR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    saved_env, saved_flag = os.environ.get(name), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    os.environ[name] = "0"
-    if saved_flag is not None:
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        if saved_env is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved_env
-        if saved_flag is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-
-
-class _TokenAuthNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Token authentication is enabled" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_token_auth_notice() -> Iterator[None]:
-    """Ray turns token authentication on for a new local cluster (kept: it is the safe default) and
-    says so as a warning on every start; a laptop's `nulls prep` need not greet its user with it.
-    Other warnings of that logger (e.g. authentication *disabled*) still show."""
-    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    notice = _TokenAuthNotice()
-    log.addFilter(notice)
-    try:
-        yield
-    finally:
-        log.removeFilter(notice)
-
-
-LOCAL_RAY_ATTEMPTS = 3
-
-
-def _start_local_ray(num_cpus: int, attempts: int = LOCAL_RAY_ATTEMPTS) -> None:
-    """A fresh local Ray on 127.0.0.1. Ray gives its raylet a fixed 30 s to register, which a 2-core
-    machine busy with a training can miss: that start is retried (Ray's processes shut down first)."""
-    for attempt in range(1, attempts + 1):
-        try:
-            # "local" always starts a fresh instance: plain ray.init() would join whatever cluster
-            # /tmp/ray/ray_current_cluster names, even a dead one from an earlier `ray start`.
-            with _loopback_node(), _quiet_token_auth_notice():
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK)
-            return
-        except Exception as err:  # Ray raises a bare Exception for this
-            if "timed out during startup" not in str(err) or attempt == attempts:
-                raise
-            ray.shutdown()
-            warnings.warn(f"the local Ray did not start in time (attempt {attempt} of {attempts}, a busy machine?); "
-                          "retrying", RuntimeWarning, stacklevel=2)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)  # "::ffff:127.0.0.1", as dual-stack sockets report it
-    return (mapped or ip).is_loopback
-
-
-def connect_ray(rc: RayConfig) -> bool:
-    """Join the session already open in this process, the cluster at ``rc.address`` (or $RAY_ADDRESS,
-    as set inside a Ray job), or start a local Ray listening on 127.0.0.1 only (a laptop run must not
-    expose Ray's unauthenticated ports to the network). Returns whether this call started it."""
-    if ray.is_initialized():
-        return False
-    address = rc.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        _start_local_ray(rc.num_cpus)
-        node_ip = ray.util.get_node_ip_address()
-        if not _is_loopback(node_ip):  # a Ray release that resolves the address differently
-            warnings.warn(f"the local Ray started for nulls prep has node address {node_ip}, not {LOOPBACK}: "
-                          "its ports may be reachable from the network", RuntimeWarning, stacklevel=2)
-    return True
 
 
 def _bar(progress: bool, **kw) -> tqdm:
@@ -262,6 +160,15 @@ def _tokenizer(cfg: PrepConfig, specs: list[InputSpec], chunks: list[Chunk], out
     return model
 
 
+def largest_first(chunks: list[Chunk], todo: list[int]) -> list[int]:
+    """The chunks to encode in the order they are handed to Ray: largest input first (ties in chunk
+    order). Longest-processing-time-first scheduling: the tasks still starting when the others end are
+    the short ones, so the workers finish together instead of one finishing a large chunk (a book,
+    slow to clean) alone. Results are placed by chunk, so the order changes no byte of the output."""
+    sizes = input_bytes([chunks[i] for i in todo])
+    return [todo[j] for j in sorted(range(len(todo)), key=lambda j: (-sizes[j], j))]
+
+
 def _encode(chunks: list[Chunk], model: bytes, dtype: str, work: Path, progress: bool) -> list[tasks.ChunkResult]:
     sha = sha256(model)
     fps = [tasks.chunk_fingerprint(c, sha, dtype) for c in chunks]
@@ -279,7 +186,7 @@ def _encode(chunks: list[Chunk], model: bytes, dtype: str, work: Path, progress:
             rate = new_tokens / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix_str(f"chunks {sum(r is not None for r in results)}/{len(chunks)}, {rate:,.0f} tok/s", refresh=False)
 
-        refs = {_encode_task.remote(chunks[i], model_ref, dtype, str(work), fps[i]): i for i in todo}
+        refs = {_encode_task.remote(chunks[i], model_ref, dtype, str(work), fps[i]): i for i in largest_first(chunks, todo)}
         _wait_all(refs, bar, done)
     return results
 
@@ -407,6 +314,20 @@ def write_sources(out: Path, docs: pa.Table, fetch_docs, plan: dict, base: pa.Ta
     return len(absent)
 
 
+class _PhaseClock:
+    """Wall seconds per phase of one run (returned in the summary; not in prep_report.json, which must
+    not depend on the machine or on how the run got there)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
+
+
 def run_prep(cfg: PrepConfig, progress: bool = True) -> dict:
     """Run (or resume) the prep job described by a resolved config; returns the run's summary."""
     out = Path(cfg.output_dir)
@@ -419,14 +340,18 @@ def run_prep(cfg: PrepConfig, progress: bool = True) -> dict:
     base = read_manifest(base_path) if base_path.is_file() else None
     specs = [InputSpec(path=s.path, format=s.format, group=s.group, index_path=s.index_path,
                        max_chars=s.max_chars or cfg.max_chars) for s in cfg.inputs]
+    clock = _PhaseClock()
     chunks = plan_chunks(specs, cfg.chunk_bytes)
     if not chunks:  # no reader found any work: every input is empty, and no Ray is needed to say so
         check_inputs_yield(specs, [0] * len(specs), [SkipReport() for _ in specs])
     started_ray = connect_ray(cfg.ray)
     try:
+        clock.lap("start")
         model = _tokenizer(cfg, specs, chunks, out, work, progress)
+        clock.lap("tokenizer")
         dtype = token_dtype(load_processor(model).get_piece_size()).name
         results = _encode(chunks, model, dtype, work, progress)
+        clock.lap("encode")
         docs = gather_documents(chunks, work)
         plan = plan_sources(docs, base, cfg.shards.target_bytes, np.dtype(dtype).itemsize)
         report = SkipReport()
@@ -439,7 +364,9 @@ def run_prep(cfg: PrepConfig, progress: bool = True) -> dict:
         kept = input_of_chunk[docs["chunk_id"].to_numpy()[plan["source_index"] >= 0]]
         # Before any shard is written: a failed run leaves no shard, shard index, manifest or report.
         check_inputs_yield(specs, np.bincount(kept, minlength=len(specs)).tolist(), per_input)
+        clock.lap("number")
         infos = _write_shards(plan, chunks, results, dtype, work, out / SHARD_DIR, progress)
+        clock.lap("shards")
         tasks.replace_bytes(out / SHARD_INDEX_NAME, shard_index_json(infos, dtype, sha256(model)))
         absent = write_sources(out, docs, ChunkDocs(chunks, work, docs), plan, base)
         summary = {
@@ -455,8 +382,9 @@ def run_prep(cfg: PrepConfig, progress: bool = True) -> dict:
               f"(details: {out / REPORT_NAME})", flush=True)
         # new_sources depends on what the folder held before (a resumed run may already have written its
         # manifest), so it stays out of prep_report.json, which must be the same for every route to the result.
+        clock.lap("finish")
         return {**summary, "new_sources": plan["n_sources"] - (0 if base is None else base.num_rows),
-                "skipped": report.counts()}
+                "skipped": report.counts(), "phase_seconds": clock.seconds}
     finally:
         if started_ray:
             ray.shutdown()

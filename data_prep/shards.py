@@ -102,7 +102,7 @@ def write_shard(path: str | os.PathLike, shard: int, samples: Iterable[tuple[int
     docs = tokens = 0
     with open(tmp, "wb") as raw:
         hashing = _HashingFile(raw)
-        writer = TarWriter(hashing, encoder=False, mtime=0.0, user="nulls", group="nulls", mode=0o444)
+        writer = TarWriter(hashing, encoder=False, mtime=0, user="nulls", group="nulls", mode=0o444)
         for source_index, toks, title, key in samples:
             if first < 0:
                 first = source_index

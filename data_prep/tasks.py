@@ -31,7 +31,7 @@ from data_prep.readers import read_chunk
 from data_prep.shards import ShardInfo, write_shard
 from data_prep.tokenizer import encode_texts, processor, training_lines
 
-FORMAT_VERSION = "1"  # bump when the bytes a unit writes change, so old work is redone
+FORMAT_VERSION = "2"  # bump when the bytes a unit writes change, so old work is redone
 _BATCH_CHARS = 8 << 20  # documents encoded per sentencepiece call: bounds a task's memory
 META_SCHEMA = pa.schema([
     ("key", pa.string()), ("title", pa.string()), ("page_id", pa.int64()), ("url", pa.string()),

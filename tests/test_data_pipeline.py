@@ -26,7 +26,7 @@ from data_prep.config import load_prep_config
 from data_prep.documents import SkipReport
 from data_prep.manifest import Manifest, number_sources
 from data_prep.readers import InputSpec, plan_chunks, read_chunk
-from data_prep.shards import estimate_sample_bytes, plan_shards, read_shard
+from data_prep.shards import estimate_sample_bytes, plan_shards, read_shard, write_shard
 from data_prep.tokenizer import token_dtype
 from nulls_megatron.config import ConfigError
 from tests.data_required import require_shared_data
@@ -42,7 +42,7 @@ def ray_session():
     import ray
 
     from data_prep.config import RayConfig
-    from data_prep.pipeline import connect_ray
+    from data_prep.ray_session import connect_ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     connect_ray(RayConfig(num_cpus=2))  # the prep's own start: loopback only, retried on a busy machine
@@ -246,6 +246,24 @@ def test_vocab_too_large_for_the_sample_names_the_field(ray_session, tmp_path):
                          tokenizer={"vocab_size": 60000, "sample_chars": 20000})
     with pytest.raises(ValueError, match="tokenizer.vocab_size"):
         run_prep(load_prep_config(path, output_dir=str(tmp_path / "out")), progress=False)
+
+
+def test_shard_bytes_are_what_the_plan_estimates(tmp_path):
+    """Shards are cut by estimated bytes, so the estimate must be the tar's real layout: two plain ustar
+    headers per sample and no pax extended headers (a float mtime made tarfile add one per member,
+    1 KiB more per file, doubling the size of a shard of short documents)."""
+    import tarfile
+
+    lengths = np.array([1, 10, 250, 1000, 3])
+    samples = [(i, np.arange(n, dtype=np.uint16), f"Title {i}", f"wiki:{i}") for i, n in enumerate(lengths)]
+    info = write_shard(tmp_path / "s.tar", 0, samples)
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        members = tar.getmembers()
+    assert len(members) == 2 * len(lengths) and all(m.pax_headers == {} for m in members)
+    assert all(m.mtime == 0 and m.uname == "nulls" for m in members)
+    payload = int(estimate_sample_bytes(lengths, 2).sum()) + 2 * 512  # + the end-of-archive blocks
+    assert info.bytes == (tmp_path / "s.tar").stat().st_size == -(-payload // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+    assert [int(s["meta"]["source_index"]) for s in read_shard(tmp_path / "s.tar")] == list(range(len(lengths)))
 
 
 def test_numbering_rule_and_shard_plan_units():

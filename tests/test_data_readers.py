@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.documents import InputError, SkipReport
-from data_prep.readers import InputSpec, detect_format, gensim_sample_dump, plan_chunks, read_chunk
+from data_prep.readers import InputSpec, detect_format, gensim_sample_dump, input_bytes, plan_chunks, read_chunk
 from data_prep.readers.mediawiki import split_pages
 from data_prep.readers.wikitext import scan
 from tests.data_required import require_shared_data
@@ -200,6 +200,8 @@ def test_wikiextractor_folder(tmp_path) -> None:
     assert detect_format(tmp_path) == "wikiextractor"
     chunks, docs, report = read_all(InputSpec(str(tmp_path)), target=1)
     assert len(chunks) == 3 and report.total() == 0
+    assert input_bytes(chunks) == [os.path.getsize(f) for f in (tmp_path / 'AA' / 'wiki_00', tmp_path / 'AA' / 'wiki_01',
+                                                                  tmp_path / 'AB' / 'wiki_00.bz2')]
     jsonl = tmp_path / "same.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert same_docs(docs, read_all(InputSpec(str(jsonl)))[1])
@@ -227,6 +229,8 @@ def test_parquet_by_row_groups(tmp_path) -> None:
     assert detect_format(path) == "parquet"
     chunks, docs, report = read_all(InputSpec(str(path)), target=1)
     assert [(c.start, c.end) for c in chunks] == [(i, i + 1) for i in range(6)] and len(docs) == 300
+    meta = pq.ParquetFile(path).metadata
+    assert input_bytes(chunks) == [meta.row_group(i).total_byte_size for i in range(6)]
     jsonl = tmp_path / "same.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert same_docs(docs, read_all(InputSpec(str(jsonl)))[1]) and docs[299].origin == f"{path}:row 300"
@@ -237,6 +241,25 @@ def test_parquet_by_row_groups(tmp_path) -> None:
     pq.write_table(pa.table({"id": ["1"], "body": ["x"]}), broken)
     with pytest.raises(InputError, match=r"broken.parquet: parquet file lacks column\(s\) title, text"):
         plan_chunks([InputSpec(str(broken))])
+
+
+
+def test_input_bytes_cover_every_byte_once_and_the_largest_go_first(paintings) -> None:
+    """Chunks of byte-range inputs add up to their file; a folder's chunks to its files. The encode
+    phase hands chunks to Ray largest first (ties in chunk order), the scheduling the prep relies on."""
+    from data_prep.pipeline import largest_first
+
+    inputs = [InputSpec(str(shared("enwiki/articles_2018.jsonl"))), InputSpec(str(shared("wikitext2/valid.txt")), "wikitext"),
+              InputSpec(str(paintings[0])), InputSpec(str(shared("books/sherlock_holmes")), "books")]
+    chunks = plan_chunks(inputs, 1 << 20)
+    sizes = input_bytes(chunks)
+    books = sum(f.stat().st_size for f in shared("books/sherlock_holmes").glob("*.txt"))
+    for i, total in enumerate([os.path.getsize(s.path) for s in inputs[:3]] + [books]):
+        assert sum(n for c, n in zip(chunks, sizes) if c.input_index == i) == total
+    order = largest_first(chunks, list(range(len(chunks))))
+    assert sorted(order) == list(range(len(chunks))) and [sizes[i] for i in order] == sorted(sizes, reverse=True)
+    assert order[:2] != [0, 1] and largest_first(chunks, [3, 1]) == sorted([3, 1], key=lambda i: (-sizes[i], i))
+    assert input_bytes([]) == [] and largest_first(chunks, []) == []
 
 
 # --- bad input ----------------------------------------------------------------------------------

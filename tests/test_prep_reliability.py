@@ -57,7 +57,7 @@ def _broken_records() -> bytes:
 def local_ray():
     import ray
 
-    from data_prep.pipeline import connect_ray
+    from data_prep.ray_session import connect_ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     # What this test process already listens on (e.g. a torch.distributed store of an earlier in-process
@@ -80,7 +80,7 @@ def _listening(proc: psutil.Process) -> list[tuple[str, int, str]]:
 def test_local_ray_listens_on_loopback_only(local_ray):
     import ray
 
-    from data_prep.pipeline import _is_loopback
+    from data_prep.ray_session import _is_loopback
 
     me = psutil.Process()
     ports = [s for p in [me, *me.children(recursive=True)] for s in _listening(p) if s[:2] not in local_ray]
@@ -97,7 +97,7 @@ def test_local_ray_listens_on_loopback_only(local_ray):
 def test_cluster_address_is_joined_as_given(monkeypatch):
     import ray
 
-    from data_prep import pipeline
+    from data_prep import ray_session
 
     calls = []
 
@@ -109,9 +109,9 @@ def test_cluster_address_is_joined_as_given(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert pipeline.connect_ray(RayConfig(address="10.1.2.3:6379"))
+    assert ray_session.connect_ray(RayConfig(address="10.1.2.3:6379"))
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    assert pipeline.connect_ray(RayConfig())
+    assert ray_session.connect_ray(RayConfig())
     # A cluster is joined at its address, with Ray's own node address: no loopback override.
     assert calls == [({"address": "10.1.2.3:6379"}, True), ({"address": "ray://head:10001"}, True)]
 

@@ -6,6 +6,7 @@ starts); ``read_chunk`` runs inside a Ray task and streams, holding one page/art
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -111,6 +112,26 @@ def read_chunk(chunk: Chunk, report: SkipReport) -> Iterator[Document]:
     if chunk.kind not in _READERS:
         raise InputError(f"{chunk.path}: unknown chunk kind {chunk.kind!r}")
     yield from _reader(chunk.kind).read(chunk, report)
+
+
+def input_bytes(chunks: list[Chunk]) -> list[int]:
+    """Bytes of input each chunk reads (compressed bytes where the input is compressed), for scheduling:
+    the pipeline starts the largest chunks first. One listing or metadata read per input, not per chunk."""
+    per_input: dict[str, list[int]] = {}  # file sizes (folders) or row-group sizes (parquet) of each input
+    sizes = []
+    for c in chunks:
+        if c.kind in ("books", "wikiextractor", "parquet"):
+            if c.path not in per_input:
+                if c.kind == "parquet":
+                    meta = _reader("parquet")._parquet_file(c.path).metadata
+                    per_input[c.path] = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+                else:
+                    per_input[c.path] = [f.stat().st_size for f in _reader(c.kind).list_files(c.path)]
+            units = per_input[c.path]
+            sizes.append(sum(units[c.start:len(units) if c.end < 0 else c.end]))
+        else:  # byte offsets into one file
+            sizes.append((os.path.getsize(c.path) if c.end < 0 else c.end) - c.start)
+    return sizes
 
 
 def _reader(kind: str):

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from ..checkpoint.atomic import atomic_file
-from ..train.tracking import artifact_location, default_tracking_uri, store_lock
+from ..mlflow_store import artifact_location, default_tracking_uri, store_lock
 
 MODE_NAMES = {"own": "own sinks", "nearest": "nearest surviving source (Sink-Off)", "backbone": "backbone only",
               "expected": "expected"}

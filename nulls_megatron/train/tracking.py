@@ -8,10 +8,8 @@ dashboard) and is retried at the next flush. See docs/tracking.md.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
-import fcntl
 import json
 import logging
 import os
@@ -22,15 +20,15 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
 from ..checkpoint.atomic import atomic_file
+from ..mlflow_store import (TrackingError, artifact_location, default_tracking_uri, experiment_id, probe_server,
+                            store_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +41,6 @@ BATCH_PARAMS, BATCH_METRICS = 100, 1000  # MLflow's per-log_batch limits
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class TrackingError(RuntimeError):
-    """Tracking cannot start (unreachable server, missing artifact, bad run state) or got bad input."""
 
 
 @dataclass
@@ -139,7 +133,7 @@ class MlflowTracker(Tracker):
             os.environ.setdefault(key, value)
         try:
             if uri.startswith(("http://", "https://")):
-                _probe_server(uri, self.settings.connect_timeout_s)
+                probe_server(uri, self.settings.connect_timeout_s)
             run_dir.mkdir(parents=True, exist_ok=True)
             self._start_run(run_dir, config, run_name or run_dir.name, dict(tags or {}), files)
         except Exception as e:
@@ -157,12 +151,12 @@ class MlflowTracker(Tracker):
         self._Metric = Metric
         with store_lock(self.tracking_uri):  # a new store is migrated when the client first opens it
             client = self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            experiment_id = _experiment_id(client, self._experiment_name(config), artifact_location(self.tracking_uri))
+            exp_id = experiment_id(client, self._experiment_name(config), artifact_location(self.tracking_uri))
             resumed = self._resumable_run(client, run_dir)
-            run = resumed or client.create_run(experiment_id, run_name=run_name)
+            run = resumed or client.create_run(exp_id, run_name=run_name)
         if resumed is None:
             _write_json_atomic(run_dir / RUN_STATE_FILE, {"run_id": run.info.run_id, "tracking_uri": self.tracking_uri,
-                                                          "experiment_id": experiment_id})
+                                                          "experiment_id": exp_id})
         else:
             self.resume_count = int(run.data.tags.get("nulls.resume_count", "0")) + 1
             client.update_run(run.info.run_id, status="RUNNING")
@@ -314,42 +308,6 @@ class MlflowTracker(Tracker):
         self.run_id = None
 
 
-STORE_NAME = "mlflow.db"
-
-
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else MLflow's convention: one sqlite store in the working
-    directory (``./mlflow.db``) for every run started there, so that one ``mlflow ui`` shows and
-    compares them all (NULLs, oracle, baselines, evaluations)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(STORE_NAME).resolve()}"
-
-
-@contextlib.contextmanager
-def store_lock(tracking_uri: str) -> Iterator[None]:
-    """Serialise starting runs in one local sqlite store: processes that open a new store at once race
-    in its schema migration (~7 s) and in creating an experiment. A lock file beside the store; a no-op
-    for any other store (a server or a database serialises itself)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        yield
-        return
-    db = Path(tracking_uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def artifact_location(tracking_uri: str) -> str | None:
-    """Where a new experiment keeps its artifacts: beside a local sqlite store (MLflow's default is
-    ./mlruns in the working directory, wherever the store is); the server's choice otherwise."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return None
-
-
 def _dist_value(fn: str, env: str, default: int) -> int:
     dist = sys.modules.get("torch.distributed")  # no torch import just to learn the rank
     if dist is not None and dist.is_available() and dist.is_initialized():
@@ -399,36 +357,6 @@ def _flatten_metrics(metrics: Any, step: int, prefix: str = "") -> Iterable[tupl
     else:
         raise TrackingError(f"log_step(step={step}): metric {prefix!r} is {type(metrics).__name__} "
                             f"({metrics!r}), not a number")
-
-
-def _experiment_id(client, name: str, artifact_location: str | None) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:  # created concurrently by another run
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
-def _probe_server(uri: str, timeout_s: float) -> None:
-    """Any HTTP answer (even 401/404) means reachable; MLflow's own client would retry for minutes."""
-    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
-    try:
-        urllib.request.urlopen(url, timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise TrackingError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {reason} "
-                            f"(waited at most {timeout_s:g} s). Start the server, fix or unset MLFLOW_TRACKING_URI "
-                            f"(unset: the sqlite store ./mlflow.db in the working directory), or set tracking on_unavailable=warn "
-                            f"to train without tracking.") from e
 
 
 def _git_state(repo: Path) -> tuple[str, str]:
