@@ -1,6 +1,6 @@
 """The prepared GPU check (docs/gpu_check.md): what a task lent a GPU runs, in one process, in minutes.
 
-1. Each engine (Megatron DDP, DeepSpeed ZeRO-1) trains a small NULLs GPT for ``--steps`` steps on
+1. Each engine (Megatron DDP with its distributed optimizer, DeepSpeed ZeRO-1) trains a small NULLs GPT for ``--steps`` steps on
    synthetic packed documents (bf16 on CUDA, fp32 on CPU), with a checkpoint halfway: tokens/s and
    MFU (FLOPs per token from benchmarks/scaling_estimate.py against the GPU's bf16 peak).
 2. The same run stopped at the checkpoint and resumed gives bit-identical losses.
@@ -43,7 +43,8 @@ def check_config(data: Path, run_dir: Path, engine: str, steps: int, quick: bool
         "model": {"vocab_size": 256, "hidden_size": d, "num_layers": layers, "num_attention_heads": 8,
                   "num_query_groups": 4, "ffn_hidden_size": 64 + 2048, "seq_length": seq},
         "nulls": {"n_backbone": 64, "n_pool": 2048, "sinks_per_source": 32},
-        "optimizer": {"warmup_steps": 2},
+        # Megatron: its distributed optimizer (the GPU default) also in the CPU run, so the test runs this path.
+        "optimizer": {"warmup_steps": 2, "distributed": "on" if engine == "megatron" else "auto"},
         "train": {"data": str(data), "run_dir": str(run_dir), "steps": steps, "micro_batch_rows": 2 if quick else 8,
                   "global_batch_rows": 2 if quick else 8, "save_every": max(1, steps // 2), "engine": engine,
                   "precision": "bf16" if cuda else "fp32", "log_every": max(1, steps // 5)},

@@ -8,6 +8,7 @@ upgrade re-reads this list):
 |---|---|---|
 | ``apply_cpu_compat()``: ``torch.cuda.current_device``, the RNG tracker, the recompute RNG state, the default causal masks, ``torch.cuda.synchronize`` | Megatron-core assumes CUDA in a dozen places; CPU only, no-op with CUDA | model building and seeding |
 | ``pipeline_schedule_compat()``: ``device="cuda"`` factory calls and ``Tensor.cuda()`` mapped to the CPU | the pipeline schedules and a stage-split tied embedding allocate on CUDA; CPU only, for one call | schedules, optimizer, model building |
+| ``distributed_optimizer_compat()``: the above, and ``Tensor.type()`` naming CPU float tensors as their CUDA types | Megatron's distributed optimizer and its gradient clipping accept parameters only by CUDA type name (``'torch.cuda.FloatTensor'``); CPU only, for one call | the distributed optimizer's construction and step |
 | ``dist_checkpoint_reader(factory)``: Megatron's torch_dist load strategy reads through our reader | the strategy builds its reader with a module function and takes none as an argument; ours refuses pickled objects | backbone loads |
 | ``in_process_write_queue()``: the writers' results queue, and writers that die with their trainer | a ``multiprocessing`` Manager per save costs ~8 s on 2 cores; a SIGKILLed trainer left its forked writers running | backbone saves |
 | ``quiet_torch_dcp_deprecations()`` | torch 2.13 deprecates the DCP API megatron-core 0.16 loads through, three FutureWarnings a rank per load | backbone loads |
@@ -226,6 +227,35 @@ class _CudaDeviceToCpu(TorchFunctionMode):
         if device is not None and torch.device(device).type == "cuda":
             kwargs = {**kwargs, "device": "cpu"}
         return func(*args, **kwargs)
+
+
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+class _CpuTensorsNamedAsCuda(_CudaDeviceToCpu):
+    """``_CudaDeviceToCpu``, and ``tensor.type()`` (no argument: the name query, not a cast) answering
+    a CPU float tensor's CUDA type name. distrib_optimizer.py sorts parameters into fp32 and bf16 by
+    ``param.type() == 'torch.cuda.FloatTensor'`` and raises for anything else, and clip_grads.py
+    asserts the same of every gradient; nothing else differs for a CPU tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@contextlib.contextmanager
+def distributed_optimizer_compat():
+    """Context for building and stepping Megatron's distributed optimizer on CPU (a no-op with CUDA):
+    its type-name checks see CUDA names, and its ``device="cuda"`` allocations land on the CPU. With
+    gloo (torch >= 2.13 has reduce-scatter and all-gather into a tensor) it then runs as on GPUs."""
+    if not apply_cpu_compat():
+        yield
+        return
+    with _CpuTensorsNamedAsCuda():
+        yield
 
 
 @contextlib.contextmanager

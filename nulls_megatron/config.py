@@ -109,6 +109,9 @@ class Precision(str, enum.Enum):
     BF16 = "bf16"
 
 
+DISTRIBUTED_OPTIMIZER_MODES = ("auto", "on", "off")
+
+
 @dataclass
 class OptimizerConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr`` (at ``train.steps``)."""
@@ -122,6 +125,10 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0  # global grad-norm clipping; 0 disables
+    # Megatron engine: shard AdamW's state and the fp32 master weights over data-parallel ranks
+    # (Megatron's distributed optimizer: reduce-scatter of gradients, all-gather of parameters,
+    # both overlapped with compute on GPU; its own clipping and NaN check). on | off | auto (on with CUDA)
+    distributed: str = "auto"
 
 
 @dataclass
@@ -199,6 +206,11 @@ def _validate(cfg: Config, origin: str) -> None:
         config_error(origin, "optimizer.min_lr", f"{o.min_lr} exceeds optimizer.lr ({o.lr})")
     if t.zero_stage not in (1, 2):
         config_error(origin, "train.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
+    if o.distributed not in DISTRIBUTED_OPTIMIZER_MODES:
+        config_error(origin, "optimizer.distributed", f"expected one of {', '.join(DISTRIBUTED_OPTIMIZER_MODES)}, got {o.distributed!r}")
+    if t.engine is EngineName.DEEPSPEED and o.distributed == "on":
+        config_error(origin, "optimizer.distributed", "on is Megatron's distributed optimizer (engine: megatron); "
+                     "the deepspeed engine shards optimizer state with ZeRO (train.zero_stage)")
     if t.engine is EngineName.DEEPSPEED and p.pipeline_parallel != 1:
         config_error(origin, "train.engine", "deepspeed runs tensor x data parallel only; use engine: megatron "
               f"for parallel.pipeline_parallel={p.pipeline_parallel}")

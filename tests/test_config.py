@@ -45,6 +45,9 @@ def test_overrides_apply_and_are_typed():
         ({"parallel": {"pipeline_parallel": 3}}, r"model.num_layers: 2 is not divisible by parallel.pipeline_parallel \(3\)"),
         ({"nulls": {"seed": -1}}, r"nulls.seed: must be in \[0, 2\*\*32\)"),
         ({"model": "big"}, r"model: expected a mapping of ModelConfig fields"),
+        ({"optimizer": {"distributed": "yes"}}, r"optimizer.distributed: expected one of auto, on, off, got 'yes'"),
+        ({"optimizer": {"distributed": "on"}, "train": {"engine": "deepspeed"}},
+         r"optimizer.distributed: on is Megatron's distributed optimizer \(engine: megatron\)"),
     ],
 )
 def test_validation_names_the_bad_field(data, message):

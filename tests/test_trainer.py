@@ -114,6 +114,14 @@ def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
     ds_full = train(train_config(data, f"{root}/ds_full", train=dict(zero)))
     ds_first = train(train_config(data, f"{root}/ds_split", train=dict(zero)), stop_after=2)
     ds_second = train(train_config(data, f"{root}/ds_split", train=dict(zero)))
+    # Megatron's distributed optimizer (the GPU default; overlapped gathers) through the trainer: a save
+    # gathers the parameters the next forward would have, and a stopped and resumed run is bit-identical.
+    dist_opt = {"optimizer": {"distributed": "on"}}
+    do_full = train(_cfg(data, f"{root}/do_full", **dist_opt))
+    do_first = train(_cfg(data, f"{root}/do_split", **dist_opt), stop_after=SAVE_EVERY)
+    do_second = train(_cfg(data, f"{root}/do_split", **dist_opt))
+    distributed = {"losses": (do_full.losses, do_first.losses, do_second.losses),
+                   "digests": (_digests(do_full.checkpoint), _digests(do_second.checkpoint))}
     # Another data-parallel size (TP=2 on the 2 ranks: DP=1) refuses the DP=2 checkpoint: the data order is tied to it.
     try:
         train(train_config(data, f"{root}/split", parallel={"tensor_parallel": 2},
@@ -123,7 +131,8 @@ def resume_worker(rank: int, world_size: int, data: str, root: str) -> dict:
         other_dp = str(e)
     return {"full": full, "first": first, "second": second, "killed": killed, "kept": (kept.losses, kept_entries),
             "digests": {name: _digests(r.checkpoint) for name, r in (("full", full), ("second", second))},
-            "ds": (ds_full.losses, ds_first.losses, ds_second.losses), "stops": stops, "other_dp": other_dp}
+            "ds": (ds_full.losses, ds_first.losses, ds_second.losses), "stops": stops, "other_dp": other_dp,
+            "distributed": distributed}
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +192,12 @@ def test_train_resume_kill_and_tracking(prep, tmp_path):
     ds_full, ds_first, ds_second = rank0["ds"]
     assert len(ds_full) == 4 and ds_first + ds_second == ds_full, "DeepSpeed: resume is bit-identical too"
     assert ds_full[:2] == pytest.approx(full.losses[:2], abs=1e-4), "both engines train the same model the same way"
+
+    do_full, do_first, do_second = rank0["distributed"]["losses"]
+    assert do_first + do_second == do_full and do_full == rank1["distributed"]["losses"][0]
+    assert do_full == pytest.approx(full.losses, abs=1e-5), "the distributed optimizer trains as the replicated one"
+    do_digests, do_resumed_digests = rank0["distributed"]["digests"]
+    assert do_resumed_digests == do_digests and set(do_digests) == set(rank0["digests"]["full"])
 
     # The checkpoint layout.
     step6 = tmp_path / "full" / "checkpoints" / "step-000000006"

@@ -85,6 +85,7 @@ def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PrefetchLoad
     """Collective: every rank calls it after optimizer step ``step``. Returns the final directory."""
     root = checkpoint_root(cfg)
     final = root / checkpoint_name(step)
+    engine.sync_params()  # parameters whose all-gather an overlapping engine left to the next forward
     module = engine.module
     # Every rank computes moments in the same order: the DeepSpeed engine gathers them over DP.
     backbone_moments = {name: engine.moments(p) for name, p in _backbone_named(module)}

@@ -81,10 +81,23 @@ def build_model_and_engine(cfg: Config, num_micro_batches: int) -> Engine:
         from .engines.deepspeed_zero import DeepSpeedZeroEngine
 
         return DeepSpeedZeroEngine(build_nulls_gpt(cfg), cfg, num_micro_batches)
+    model = build_nulls_gpt(cfg, **(bf16_model_overrides() if bf16 else {}))
+    if use_distributed_optimizer(cfg):
+        from .engines.megatron_distributed_optimizer import MegatronDistributedOptimizerEngine
+
+        return MegatronDistributedOptimizerEngine(model, cfg, bf16=bf16)
     from .engines.megatron_ddp import MegatronDDPEngine
 
-    model = build_nulls_gpt(cfg, **(bf16_model_overrides() if bf16 else {}))
     return MegatronDDPEngine(model, cfg, bf16=bf16)
+
+
+def use_distributed_optimizer(cfg: Config) -> bool:
+    """``optimizer.distributed`` resolved: auto is on with CUDA (the state of a 1B model is 16 bytes a
+    parameter replicated on every rank otherwise) and off on CPU, where the replicated path is the one
+    every CPU test of the trainer runs; the distributed one has its own (tests/test_distributed_optimizer.py)."""
+    if cfg.train.engine is not EngineName.MEGATRON:
+        return False
+    return {"on": True, "off": False}.get(cfg.optimizer.distributed, torch.cuda.is_available())
 
 
 def _pipeline_loss(loss: float | None) -> float:

@@ -43,6 +43,11 @@ class Engine(ABC):
         Returns (loss on the last pipeline stage / None elsewhere, global grad norm before clipping).
         """
 
+    def sync_params(self) -> None:
+        """Make ``module``'s parameters this step's on this rank, before they are read outside a forward
+        (a checkpoint save). A no-op unless the engine defers its parameter all-gather to the next
+        forward (Megatron's distributed optimizer with overlapped parameter gather)."""
+
     @abstractmethod
     def eval_loss(self, micro_batches: list[PackedRows]) -> float | None:
         """Mean loss without gradients (last pipeline stage; None elsewhere)."""

@@ -4,8 +4,10 @@ Megatron's DDP keeps gradients in contiguous ``main_grad`` buffers and reduces t
 across data-parallel replicas in ``finalize_model_grads``, which the pipeline
 schedule calls after the last backward; the same function all-reduces the tied
 word-embedding gradient between the first and last pipeline stage. Megatron's own
-clipping asserts CUDA tensors, so the optimizer is built with ``clip_grad=0`` and
-the global norm is computed and applied here (``grad_norm.py``), on CPU and GPU alike.
+clipping would scale by a NaN norm without a word, so the optimizer is built with
+``clip_grad=0`` and the global norm is computed, checked and applied here
+(``grad_norm.py``). This replicated engine is the CPU default; with CUDA the default is
+the subclass with Megatron's distributed optimizer (``megatron_distributed_optimizer.py``).
 
 bf16 on GPU uses Megatron's mixed-precision optimizer (fp32 main parameters and
 moments); on CPU everything is fp32.
@@ -53,14 +55,7 @@ class MegatronDDPEngine(Engine):
             model_for_ddp = Float16Module(transformer_config, model)
         else:
             model_for_ddp = model
-        self.ddp = DistributedDataParallel(
-            config=transformer_config,
-            # average_in_collective=False: grads are scaled by 1/DP before a sum, the same arithmetic
-            # on every backend; overlap off: on gloo an overlapped reduce buys nothing.
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                     use_distributed_optimizer=False),
-            module=model_for_ddp,
-        )
+        self.ddp = DistributedDataParallel(config=transformer_config, ddp_config=self._ddp_config(), module=model_for_ddp)
         # The schedule calls these: reduce across DP and tied embeddings after the last micro-batch,
         # and no reduction for the micro-batches before it.
         transformer_config.finalize_model_grads_func = finalize_model_grads
@@ -71,21 +66,27 @@ class MegatronDDPEngine(Engine):
             ParamKey(predicate=ParamPredicate(name=f"nulls_{name}", fn=self._member(name))): {GROUP_KEY: name}
             for name in groups
         }
-        with pipeline_schedule_compat():  # FP32Optimizer allocates its loss scale with device="cuda"
-            self.optimizer = self._build_optimizer(opt, bf16, overrides)
+        with self._optimizer_compat():  # FP32Optimizer allocates its loss scale with device="cuda"
+            self.optimizer = get_megatron_optimizer(self._optimizer_config(opt, bf16), [self.ddp], config_overrides=overrides)
         self._steps = 0
 
-    def _build_optimizer(self, opt, bf16: bool, overrides):
-        return get_megatron_optimizer(
-            MegatronOptimizerConfig(
-                optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
-                adam_beta1=opt.beta1, adam_beta2=opt.beta2, adam_eps=opt.eps,
-                clip_grad=0.0,  # Megatron's clip asserts CUDA tensors: clipped in train_step instead
-                bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            ),
-            [self.ddp],
-            config_overrides=overrides,
+    def _ddp_config(self) -> DistributedDataParallelConfig:
+        # average_in_collective=False: grads are scaled by 1/DP before a sum, the same arithmetic
+        # on every backend; overlap off: on gloo an overlapped reduce buys nothing.
+        return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                             use_distributed_optimizer=False)
+
+    def _optimizer_config(self, opt, bf16: bool) -> MegatronOptimizerConfig:
+        return MegatronOptimizerConfig(
+            optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+            adam_beta1=opt.beta1, adam_beta2=opt.beta2, adam_eps=opt.eps,
+            clip_grad=0.0,  # the global norm is checked for NaN/Inf before clipping, in train_step
+            bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         )
+
+    def _optimizer_compat(self):
+        return pipeline_schedule_compat()
+
 
     def _member(self, name: str):
         return lambda param: self._group_of.get(id(param)) == name
@@ -106,19 +107,22 @@ class MegatronDDPEngine(Engine):
                                  f"first non-finite gradient: {bad or 'on another rank'} (the step was not taken)")
         if self.cfg.optimizer.clip_grad > 0:
             clip_by_global_norm(grads, norm, self.cfg.optimizer.clip_grad)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-            group["weight_decay"] = self._decay[group[GROUP_KEY]]
+        self._set_lr_and_decay(lr)
         with pipeline_schedule_compat():
             ok, _, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError(f"optimizer step {self._steps + 1} skipped: non-finite gradients (grad norm {norm})")
         self._steps += 1
-        return _dp_mean(loss), norm
+        return dp_mean(loss), norm
+
+    def _set_lr_and_decay(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = self._decay[group[GROUP_KEY]]
 
     def eval_loss(self, micro_batches: list[PackedRows]) -> float | None:
         with torch.no_grad():
-            return _dp_mean(forward_backward(self.ddp, micro_batches, forward_only=True))
+            return dp_mean(forward_backward(self.ddp, micro_batches, forward_only=True))
 
     # -- optimizer state ------------------------------------------------------------------------
     def optimizer_steps(self) -> int:
@@ -171,7 +175,7 @@ def _torch_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _dp_mean(loss: float | None) -> float | None:
+def dp_mean(loss: float | None) -> float | None:
     """Mean of the replicas' losses: the loss of the global batch, the same as DP=1 reports."""
     if loss is None:
         return None
