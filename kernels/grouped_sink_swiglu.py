@@ -37,12 +37,13 @@ class _GroupedSinkSwiGLU(torch.autograd.Function):
     # Matmuls run per group (each group has its own rows); every elementwise step runs
     # once over all tokens, with each token's gates expanded from its group's.
     @staticmethod
-    def forward(ctx, x, table, perm, offsets, row_ids, gates, base):  # type: ignore[override]
+    def forward(ctx, x, table, perm, offsets, row_ids, gates, base, counts):  # type: ignore[override]
         n_groups, k = row_ids.shape
         w13, w2 = _gather_rows(table, row_ids)
         x_sorted = x if perm is None else x.index_select(0, perm)
         n_tokens = x_sorted.shape[0]
-        counts = torch.tensor([hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])], device=x.device)
+        if counts is None:  # a blocking host-to-device copy on a GPU: callers that can, pass counts
+            counts = torch.tensor([hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])], device=x.device)
         token_gates = gates.repeat_interleave(counts, dim=0, output_size=n_tokens)
         pre = x_sorted.new_empty(n_tokens, 2 * k)
         for u in range(n_groups):
@@ -109,7 +110,7 @@ class _GroupedSinkSwiGLU(torch.autograd.Function):
             grad_table = d_rows.new_zeros(ctx.table_shape)
             grad_table.index_add_(0, row_ids.reshape(-1), d_rows.view(n_groups * k, 3, -1))
         grad_base = grad_y if ctx.needs_input_grad[6] else None
-        return grad_x, grad_table, None, None, None, None, grad_base
+        return grad_x, grad_table, None, None, None, None, grad_base, None
 
 
 def grouped_sink_swiglu(
@@ -120,6 +121,7 @@ def grouped_sink_swiglu(
     row_ids: torch.Tensor,
     gates: torch.Tensor,
     base: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sink output for every token, in the tokens' original order, plus ``base``.
 
@@ -133,6 +135,8 @@ def grouped_sink_swiglu(
         gates: [U, k] multipliers of each group's sink activations.
         base: optional [T, d] added to the result (e.g. the backbone output): folded
             into the down-projection GEMMs instead of a separate pass.
+        counts: optional [U] int64 tokens per group on x's device (the differences of ``offsets``);
+            without it they are copied from the host on every call.
 
     Returns [T, d]. Differentiable in ``x``, ``table`` and ``base``.
     """
@@ -144,4 +148,6 @@ def grouped_sink_swiglu(
         )
     if base is not None and base.shape != x.shape:
         raise ValueError(f"base {tuple(base.shape)} must have the shape of x {tuple(x.shape)}")
-    return _GroupedSinkSwiGLU.apply(x, table, perm, offsets, row_ids, gates.to(x.dtype), base)
+    if counts is not None and counts.shape != (len(offsets) - 1,):
+        raise ValueError(f"counts {tuple(counts.shape)} must be [U] with U = len(offsets) - 1 = {len(offsets) - 1}")
+    return _GroupedSinkSwiGLU.apply(x, table, perm, offsets, row_ids, gates.to(x.dtype), base, counts)

@@ -15,14 +15,14 @@ import torch
 
 from data_prep.shards import SHARD_DIR, SHARD_INDEX_NAME, read_shard, shard_index_json, shard_name, write_shard
 from nulls_megatron.train.loader import LoaderError, PackedLoader, read_shard_index, scan_tar
-from nulls_megatron.train.packing import PackedRows
+from nulls_megatron.train.packing import TENSOR_FIELDS, PackedRows
 from tests.data_required import require_shared_data
 
 ARTICLES = require_shared_data("enwiki", "articles_2018.jsonl")
 SHARD_SIZES = [17, 4, 23, 11, 30, 5]  # uneven, so blocks of ranks straddle shards
 LONG_TOKENS = 3000
 VOCAB = 512
-FIELDS = list(PackedRows.__dataclass_fields__)
+FIELDS = list(TENSOR_FIELDS)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,49 @@ def test_forward_backward_with_source_ids_touches_only_owned_sinks(megatron_worl
         assert mlp.linear_fc1.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["shared-sinks", "per-layer-sinks"])
+def test_routing_planned_ahead_equals_routing_in_the_forward(megatron_world, monkeypatch, per_layer):
+    """The trainer's loader thread plans each micro-batch's routing (train.trainer.routing_planner):
+    the forward and backward then give the same numbers, and neither group tokens nor hash sources
+    (both would raise here), so nothing waits for the host on a GPU."""
+    import dataclasses
+
+    from nulls_megatron.model.gpt import train_routing_plan
+    from nulls_megatron.sinks.assignment import SinkAssignment
+    from nulls_megatron.sinks.routing import RoutingPlan
+    from nulls_megatron.train.device import batch_to_device
+    from nulls_megatron.train.trainer import routing_planner
+    from tests.nulls_gpt_helpers import packed_micro_batches
+
+    cfg = tiny_config(per_layer_sinks=per_layer)
+    model = build(cfg)
+    batch = packed_micro_batches(3)[0]
+    inputs, labels, sources = batch.tokens, batch.labels, batch.source_ids
+    expected = model(inputs, labels=labels, source_ids=sources)
+    expected.mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    planned = batch_to_device(routing_planner(cfg)(batch), torch.device("cpu"))
+    assert planned.routing is not None and len(planned.routing._rows) == (cfg.model.num_layers if per_layer else 1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the forward planned routing although the loader had")
+
+    monkeypatch.setattr(RoutingPlan, "from_token_sources", classmethod(refuse))
+    monkeypatch.setattr(SinkAssignment, "sinks_of_np", refuse)
+    loss = model(inputs, labels=labels, source_ids=sources, routing_plan=planned.routing)
+    loss.mean().backward()
+    assert torch.equal(loss, expected)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="routing_plan covers"):
+        model(inputs[:1], labels=labels[:1], source_ids=sources[:1], routing_plan=planned.routing)
+    monkeypatch.undo()
+    again = train_routing_plan(sources)
+    assert again.offsets == planned.routing.offsets and torch.equal(again.sources, planned.routing.sources)
+    assert dataclasses.replace(planned, routing=None).routing is None
+
+
 def test_parameter_counts_match_the_built_model(megatron_world):
     from nulls_megatron.model_size import parameter_counts
 

@@ -11,6 +11,7 @@ reruns a layer, which then gets the routing of its own forward back (recompute.p
 """
 from __future__ import annotations
 
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import Config
-from ..sinks.routing import SinkMode, SinkRouting
+from ..sinks.assignment import Assignment
+from ..sinks.routing import RoutingPlan, SinkMode, SinkRouting
 from .attention_mask import block_causal_mask
 from ..compat import (apply_cpu_compat, cpu_transformer_config_overrides, pipeline_schedule_compat,
                       quiet_unknown_mlp_notice)
@@ -105,6 +107,7 @@ class NullsGPTModel(GPTModel):
         sink_mode: SinkMode | str = SinkMode.TRAIN,
         route_sources: torch.Tensor | int | None = None,
         document_ids: torch.Tensor | None = None,
+        routing_plan: RoutingPlan | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Loss per token [b, s] when ``labels`` are given, else logits.
@@ -117,6 +120,8 @@ class NullsGPTModel(GPTModel):
                 documents of one source sit side by side; defaults to ``source_ids``.
             attention_mask: overrides the block-diagonal causal mask (Megatron's boolean
                 [b, 1, s, s], True = masked), whatever the attention backend.
+            routing_plan: ``train_routing_plan(source_ids, ...)`` built ahead (the training loader
+                does it in its thread), so that the forward neither sorts tokens nor hashes sources.
 
         The block-diagonal causal attention of the packed rows is prepared here, once per
         forward, and shared by all layers: Megatron's mask for the ``masked`` backend, the
@@ -130,7 +135,13 @@ class NullsGPTModel(GPTModel):
             attention_mask = block_causal_mask(documents)
         elif attention_mask is None:
             self.attention_context.prepare(documents)
-        self.routing_context.routing = self._routing(source_ids, SinkMode(sink_mode), route_sources)
+        mode = SinkMode(sink_mode)
+        if routing_plan is not None and mode is SinkMode.TRAIN:
+            if routing_plan.num_tokens != source_ids.numel():
+                raise ValueError(f"routing_plan covers {routing_plan.num_tokens} tokens, source_ids {tuple(source_ids.shape)}")
+            self.routing_context.routing = SinkRouting(SinkMode.TRAIN, routing_plan)
+        else:
+            self.routing_context.routing = self._routing(source_ids, mode, route_sources)
         try:
             return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
         finally:
@@ -141,7 +152,7 @@ class NullsGPTModel(GPTModel):
     def _routing(source_ids: torch.Tensor, mode: SinkMode, route_sources) -> SinkRouting:
         # Inside the decoder hidden states are [s, b, h]: tokens flatten sequence-major.
         if mode is SinkMode.TRAIN:
-            return SinkRouting.train(source_ids.t().reshape(-1))
+            return SinkRouting(SinkMode.TRAIN, train_routing_plan(source_ids))
         if mode is SinkMode.ROUTE:
             if route_sources is None:
                 raise ValueError("sink_mode='route' needs route_sources (one source id or [b, s] ids)")
@@ -153,6 +164,17 @@ class NullsGPTModel(GPTModel):
         if mode is SinkMode.EXPECTED:
             return SinkRouting.expected()
         return SinkRouting.backbone_only()
+
+
+def train_routing_plan(source_ids: torch.Tensor, assignment: Assignment | None = None,
+                       layers: Iterable[int] = ()) -> RoutingPlan:
+    """The routing plan of a ``train``-mode forward over ``source_ids`` [b, s], with the sink rows of
+    ``layers`` looked up in advance (one entry serves all layers without per-layer sinks). Inside the
+    decoder hidden states are [s, b, h], so tokens are planned sequence-major."""
+    plan = RoutingPlan.from_token_sources(source_ids.t().reshape(-1))
+    for layer in layers if assignment is not None else ():
+        plan.rows(assignment, layer)
+    return plan
 
 
 def build_nulls_gpt(cfg: Config, **config_overrides) -> NullsGPTModel:

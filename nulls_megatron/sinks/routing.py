@@ -44,6 +44,7 @@ class RoutingPlan:
     sources: torch.Tensor
     offsets: list[int]
     perm: torch.Tensor | None
+    counts: torch.Tensor | None = None  # tokens per group, on the tokens' device (the same numbers as offsets)
     _rows: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -60,7 +61,16 @@ class RoutingPlan:
         offsets = [0] + torch.cumsum(counts, 0).tolist()
         already_grouped = bool((inverse[1:] >= inverse[:-1]).all())
         perm = None if already_grouped else torch.argsort(inverse, stable=True)
-        return cls(sources=sources, offsets=offsets, perm=perm)
+        return cls(sources=sources, offsets=offsets, perm=perm, counts=counts)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "RoutingPlan":
+        """The plan with its tensors (and the rows already looked up) on ``device``; the group offsets
+        stay Python ints, so a plan built on the host routes a forward on the device without a sync."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return RoutingPlan(sources=move(self.sources), offsets=self.offsets,
+                           perm=None if self.perm is None else move(self.perm),
+                           counts=None if self.counts is None else move(self.counts),
+                           _rows={key: move(rows) for key, rows in self._rows.items()})
 
     @property
     def num_tokens(self) -> int:

@@ -98,7 +98,7 @@ class SinkTable(nn.Module):
             gates = (live & ~self.disabled[rows]).to(x.dtype)
         else:
             gates = (~self.disabled[rows]).to(x.dtype)
-        return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base)
+        return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base, counts=plan.counts)
 
     def extra_repr(self) -> str:
         a = self.assignment

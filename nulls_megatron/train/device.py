@@ -20,4 +20,6 @@ def batch_to_device(batch: PackedRows, device: torch.device | None = None) -> Pa
     device = compute_device() if device is None else device
     moved = {f.name: getattr(batch, f.name).to(device, non_blocking=True)
              for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
+    if batch.routing is not None:
+        moved["routing"] = batch.routing.to(device, non_blocking=True)
     return dataclasses.replace(batch, **moved)

@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..sinks.routing import RoutingPlan
+
 
 @dataclass
 class PackedRows:
@@ -26,13 +28,19 @@ class PackedRows:
     source_ids: torch.Tensor
     document_ids: torch.Tensor
     loss_mask: torch.Tensor
+    # The sink routing of these rows, planned ahead by the loader's thread (model.gpt.train_routing_plan):
+    # the forward then neither groups tokens nor hashes sources. None: the model plans it itself.
+    routing: RoutingPlan | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     @staticmethod
     def stack(rows: list["PackedRows"]) -> "PackedRows":
-        return PackedRows(*(torch.cat([getattr(r, f) for r in rows]) for f in PackedRows.__dataclass_fields__))
+        return PackedRows(*(torch.cat([getattr(r, f) for r in rows]) for f in TENSOR_FIELDS))
+
+
+TENSOR_FIELDS = ("tokens", "labels", "source_ids", "document_ids", "loss_mask")
 
 
 def pack_documents(

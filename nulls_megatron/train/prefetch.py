@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from .loader import PackedLoader
 from .packing import PackedRows
@@ -26,10 +26,12 @@ class _Failure:
 class PrefetchLoader:
     """Wraps a :class:`PackedLoader`; iterate it and checkpoint it the same way."""
 
-    def __init__(self, loader: PackedLoader, depth: int = 2) -> None:
+    def __init__(self, loader: PackedLoader, depth: int = 2,
+                 prepare: Callable[[PackedRows], PackedRows] | None = None) -> None:
+        """``prepare`` runs on every micro-batch in the thread (the trainer plans its sink routing there)."""
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
-        self.loader, self.depth = loader, depth
+        self.loader, self.depth, self.prepare = loader, depth, prepare
         self._state = loader.state_dict()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -38,7 +40,8 @@ class PrefetchLoader:
     def _run(self, q: queue.Queue, stop: threading.Event) -> None:
         try:
             while not stop.is_set():
-                item: Any = (next(self.loader), self.loader.state_dict())
+                batch = next(self.loader)
+                item: Any = (self.prepare(batch) if self.prepare else batch, self.loader.state_dict())
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)

@@ -33,6 +33,7 @@ def _forward_step(data_iterator: Iterator[PackedRows], model):
         labels=batch.labels,
         source_ids=batch.source_ids,
         document_ids=batch.document_ids,
+        routing_plan=batch.routing,
     )
     return output, partial(_masked_mean_loss, batch.loss_mask)
 

@@ -11,12 +11,14 @@ weights, same optimizer state).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,13 +27,14 @@ from megatron.core import parallel_state
 from ..checkpoint.provenance import describe_sources_manifest
 from ..checkpoint.sinks import SourceState, read_sink_manifest, source_state
 from ..config import Config, ConfigError, EngineName
-from ..model.gpt import build_nulls_gpt
+from ..model.gpt import build_nulls_gpt, train_routing_plan
 from ..process_groups import init_model_parallel
 from ..sinks.assignment import Assignment, assignment_from_config
 from .checkpointing import load_checkpoint, prepare_checkpoint_root, read_train_state, resume_point, save_checkpoint
 from .engines.base import Engine
 from .grad_norm import NonFiniteError
 from .loader import PackedLoader
+from .packing import PackedRows
 from .lr_schedule import learning_rate
 from .precision import bf16_model_overrides, use_bf16
 from .prefetch import PrefetchLoader
@@ -89,6 +92,19 @@ def build_model_and_engine(cfg: Config, num_micro_batches: int) -> Engine:
     from .engines.megatron_ddp import MegatronDDPEngine
 
     return MegatronDDPEngine(model, cfg, bf16=bf16)
+
+
+def routing_planner(cfg: Config) -> Callable[[PackedRows], PackedRows]:
+    """What the loader's thread does to each micro-batch: plan its sink routing (tokens grouped by
+    source, each source's rows for every layer salt), so that the forward on the device neither
+    sorts, nor hashes with numpy, nor waits for the host (the group offsets travel as Python ints)."""
+    assignment = assignment_from_config(cfg.nulls)
+    layers = range(cfg.model.num_layers) if cfg.nulls.per_layer_sinks else (0,)
+
+    def plan(batch: PackedRows) -> PackedRows:
+        return dataclasses.replace(batch, routing=train_routing_plan(batch.source_ids, assignment, layers))
+
+    return plan
 
 
 def use_distributed_optimizer(cfg: Config) -> bool:
@@ -189,7 +205,8 @@ def build(cfg: Config, resumed: Path | None) -> Run:
     loader = PrefetchLoader(PackedLoader(
         cfg.train.data, cfg.model.seq_length, cfg.train.micro_batch_rows, vocab_size=cfg.model.vocab_size,
         seed=cfg.seed, dp_rank=dp_rank, dp_world=dp_world, verify=cfg.train.verify_shards,
-        max_document_tokens=cfg.train.max_document_tokens, skip_sources=off), depth=2 * n_micro)
+        max_document_tokens=cfg.train.max_document_tokens, skip_sources=off), depth=2 * n_micro,
+        prepare=routing_planner(cfg))
     try:  # the prefetch thread is running: a refusal below must not leave it reading shards
         engine = build_model_and_engine(cfg, n_micro)
         run = Run(cfg, engine, loader, assignment_from_config(cfg.nulls), n_micro, start=0, tokens=0,
