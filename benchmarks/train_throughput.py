@@ -26,7 +26,9 @@ source, packed into rows with ``pack_documents``. Steps of the two models
 alternate (A B, B A, ...) on the same batch and medians are taken, so load from
 other processes hits both alike; the RESULT is the ratio of the median tokens/s.
 Cross-checks printed beside it (per-pair ratio, fastest steps, CPU time) show how
-much load from other processes moved it.
+much load from other processes moved it. The NULLs forward takes each micro-batch's sink
+routing planned ahead (``routing_plan=``), as in training, where the loader's thread plans it;
+the plan's own time per micro-batch is printed.
 
     python benchmarks/train_throughput.py [--quick] [--attention sdpa|masked] [--hidden 256] [--layers 4] [--seq 512] [--rows 8]
 """
@@ -52,6 +54,7 @@ from nulls_megatron.model.packed_attention import AttentionContext, PackedDotPro
 from nulls_megatron.process_groups import init_model_parallel  # noqa: E402
 from nulls_megatron.train.engines.param_groups import adamw_param_groups  # noqa: E402
 from nulls_megatron.train.packing import PackedRows, pack_documents  # noqa: E402
+from nulls_megatron.train.trainer import routing_planner  # noqa: E402
 
 
 def make_config(args: argparse.Namespace, attention: str | None = None) -> Config:
@@ -122,7 +125,9 @@ def build_dense_active(cfg: Config, width: int) -> torch.nn.Module:
 
 
 def nulls_forward(model: torch.nn.Module, batch: PackedRows) -> torch.Tensor:
-    return model(batch.tokens, labels=batch.labels, source_ids=batch.source_ids, document_ids=batch.document_ids)
+    # batch.routing: planned ahead, as the trainer's loader thread does (main() times it apart).
+    return model(batch.tokens, labels=batch.labels, source_ids=batch.source_ids, document_ids=batch.document_ids,
+                 routing_plan=batch.routing)
 
 
 def dense_forward(model: torch.nn.Module, batch: PackedRows) -> torch.Tensor:
@@ -228,6 +233,12 @@ def main() -> None:
         trainers["NULLs-masked"] = Trainer(build_nulls_gpt(make_config(args, "masked")), nulls_forward, cfg, args.adamw)
 
     batches = make_batches(args, args.batches)
+    # The sink routing of every micro-batch is planned by the loader's thread in training
+    # (trainer.routing_planner), off the step: here once per batch, timed on its own.
+    plan = routing_planner(cfg)
+    started = time.perf_counter()
+    batches = [plan(b) for b in batches]
+    plan_ms = 1e3 * (time.perf_counter() - started) / len(batches)
     tokens_per_step = batches[0].tokens.numel()
     sources = statistics.mean(int(torch.unique(b.source_ids).numel()) for b in batches)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, AdamW={args.adamw}, "
@@ -237,7 +248,7 @@ def main() -> None:
           f"(live width {active}); dense-active MLP width {active}")
     print(f"micro-batch: {args.rows} rows x {args.seq} = {tokens_per_step} tokens, {sources:.1f} sources on average "
           f"(lognormal documents, median {args.median_doc} tokens); {args.warmup} warm-up + {args.repeats} "
-          f"interleaved steps per model, medians")
+          f"interleaved steps per model, medians; routing plan {plan_ms:.2f} ms per micro-batch (loader thread)")
     print(f"parameters: NULLs {parameter_count(nulls.model) / 1e6:.2f}M "
           f"(sink tables {sum(m.sinks.weight.numel() for m in nulls.model.nulls_mlps()) / 1e6:.2f}M), "
           f"dense-active {parameter_count(dense.model) / 1e6:.2f}M")
