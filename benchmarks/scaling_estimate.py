@@ -1,5 +1,5 @@
 """The paper's run on H100 nodes, on paper: FLOPs per token from a config, step time and MFU, and the
-memory the attention path saves for backward (docs/scaling.md).
+memory the attention path saves for backward, and the weights and optimizer state per GPU (docs/scaling.md).
 
 Everything is computed from the config (default configs/wiki_1b_paper.yaml) and published H100
 figures; nothing here is a measurement on a GPU. Counted per token (forward; training = 3x):
@@ -37,6 +37,23 @@ def flops_per_token(cfg) -> dict[str, float]:
     return {"forward": forward, "train": 3 * forward,
             "train_masked_dense": 3 * (m.num_layers * (2 * (qkv + out + mlp_dense) + attn) + 2 * head),
             "active_params": m.num_layers * (qkv + out + mlp_live) + head}
+
+
+def total_params(cfg) -> int:
+    """Every parameter of the model: embeddings (tied), attention, norms, backbone and the whole sink pool."""
+    m, n = cfg.model, cfg.nulls
+    d, h, g, hd = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim
+    attention = d * (h * hd + 2 * g * hd) + h * hd * d
+    mlp = 3 * d * (n.n_backbone + n.n_pool)  # every layer has its own sink table
+    layer = attention + mlp + 2 * d
+    embeddings = d * m.vocab_size * (1 if m.tie_embeddings else 2)
+    return m.num_layers * layer + embeddings + d
+
+
+def state_bytes_per_gpu(params: int, data_parallel: int) -> tuple[float, float]:
+    """(replicated, distributed-optimizer) bytes per GPU: bf16 weights (2) and the fp32 gradient buffer
+    (4) on every rank; fp32 masters and AdamW's two moments (12) on every rank, or 1/DP of them."""
+    return params * (2 + 4 + 12), params * (2 + 4 + 12 / data_parallel)
 
 
 def main() -> None:
@@ -77,6 +94,11 @@ def main() -> None:
           f"against {f['train'] * b * s / H100_BF16_DENSE / args.mfu * 1e3:.0f} ms of compute at MFU {args.mfu:.0%}")
     lse = b * h * s * 4 * layers
     print(f"FlexAttention / SDPA with a block mask: {lse / 2**20:.1f} MiB of log-sum-exp saved per micro-batch")
+    total = total_params(cfg)
+    replicated, sharded = state_bytes_per_gpu(total, args.gpus)
+    print(f"weights and optimizer state per GPU ({total / 1e9:.2f}B parameters, bf16 weights, fp32 gradient buffer, "
+          f"fp32 masters and two AdamW moments; TP = PP = 1, DP = {args.gpus}): replicated {replicated / 2**30:.1f} GiB; "
+          f"Megatron's distributed optimizer (optimizer.distributed, the GPU default) {sharded / 2**30:.1f} GiB")
     print(f"RESULT train_gflop_per_token={f['train'] / 1e9:.3f} step_ms_at_mfu={ideal / args.mfu * 1e3:.0f} "
           f"run_hours={run_s / 3600:.1f}")
 

@@ -251,3 +251,20 @@ def test_precision_is_bf16_on_gpu_and_fp32_on_cpu():
         cfg.train.precision = Precision.BF16
         with pytest.raises(ConfigError, match="train.precision: bf16 trains on GPUs only"):
             use_bf16(cfg)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_scaling_estimate_counts_every_parameter_of_the_built_model(megatron_world, tie):
+    """docs/scaling.md's memory per GPU rests on benchmarks/scaling_estimate.total_params: it must count
+    exactly what build_nulls_gpt builds (here the tiny config; the paper's is the same formula)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("scaling_estimate", root / "benchmarks" / "scaling_estimate.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    cfg = tiny_config(tie_embeddings=tie)
+    assert scaling.total_params(cfg) == sum(p.numel() for p in build(cfg).parameters())
+    replicated, sharded = scaling.state_bytes_per_gpu(1000, 4)
+    assert (replicated, sharded) == (18000, 9000)
