@@ -100,6 +100,8 @@ def worker(rank: int, world_size: int) -> dict:
     replicated = _build(cfg, initial, "replicated")
     out["replicated"] = _train(replicated, mine, range(STEPS))
     out["replicated_params"], out["replicated_moments"] = _params(replicated), _moments(replicated)
+    # Both engines keep Megatron's main_grad buffers: the sink kernel added the rows' gradients into them.
+    out["sinks_into_main_grad"] = [m.sinks.weight.grad_added_to_main_grad for m in replicated.module.nulls_mlps()]
 
     synchronous = _build(cfg, initial, "synchronous")
     first = _train(synchronous, mine, range(2))
@@ -107,6 +109,7 @@ def worker(rank: int, world_size: int) -> dict:
     last = _train(synchronous, mine, range(2, STEPS))
     out["synchronous"] = (first[0] + last[0], first[1] + last[1])
     out["synchronous_params"], out["synchronous_moments"] = _params(synchronous), _moments(synchronous)
+    out["sinks_into_main_grad"] += [m.sinks.weight.grad_added_to_main_grad for m in synchronous.module.nulls_mlps()]
 
     overlapped = _build(cfg, initial, "overlapped")
     out["overlapped"] = _train(overlapped, mine, range(STEPS))
@@ -141,7 +144,7 @@ def worker(rank: int, world_size: int) -> dict:
 
     # A NaN in one parameter's gradient on both ranks (a hook on it): the step must not be taken.
     poisoned = _build(cfg, initial, "overlapped")
-    poisoned.module.decoder.layers[1].mlp.sinks.weight.register_hook(lambda grad: grad * float("nan"))
+    poisoned.module.decoder.layers[1].mlp.linear_fc1.weight.register_hook(lambda grad: grad * float("nan"))
     before = _params(poisoned)
     try:
         _train(poisoned, mine, range(1))
@@ -173,6 +176,7 @@ def test_distributed_optimizer_on_gloo():
         assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(norms, rep_norms)), (name, norms, rep_norms)
         assert r1[name][1] == norms, "the grad norm is global: the same on every rank"
     assert min(rep_norms) > CLIP, "every step must be clipped for clipping to be tested"
+    assert r0["sinks_into_main_grad"] == [True] * 4, "the sink tables' gradients went straight into main_grad"
     assert not _close(r0["synchronous_params"], r0["replicated_params"], 2e-6)
     for key, m in r0["synchronous_moments"].items():
         for name in ("exp_avg", "exp_avg_sq"):
@@ -198,7 +202,7 @@ def test_distributed_optimizer_on_gloo():
     assert all(torch.equal(r0["bf16_resumed_params"][k], r0["bf16_params"][k]) for k in r0["bf16_params"])
     # NaN: refused on every rank, naming a parameter, before any weight changed.
     for r in (r0, r1):
-        assert r["nan"] is not None and "first non-finite gradient: decoder.layers.1.mlp.sinks.weight " in r["nan"], r["nan"]
+        assert r["nan"] is not None and "first non-finite gradient: decoder.layers.1.mlp.linear_fc1.weight " in r["nan"], r["nan"]
         assert "step was not taken" in r["nan"] and r["nan_untouched"]
     # TP=2: Megatron's norm and update over tensor-parallel shards equal the replicated engine's.
     for r in (r0, r1):

@@ -199,3 +199,36 @@ def test_kernel_backward_passes_gradcheck(grouped):
         return grouped_sink_swiglu(x, table, perm, offsets, row_ids, gates, base=base)
 
     assert torch.autograd.gradcheck(fn, (x, table, base))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_adds_the_table_gradient_into_a_main_grad_buffer(dtype):
+    """grad_table_into (Megatron's fp32 main_grad): the rows' gradients are added into the buffer,
+    across calls, equal to the table gradient autograd returns otherwise; the table is flagged
+    grad_added_to_main_grad so that Megatron's DDP hook skips the placeholder."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 8, generator=gen).to(dtype)
+    table = torch.nn.Parameter(torch.randn(30, 3, 8, generator=gen).to(dtype))
+    row_ids = torch.tensor([[0, 4, 9], [4, 7, 29], [1, 2, 3]])
+    gates = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    perm, offsets = torch.randperm(40, generator=gen), [0, 10, 25, 40]
+    grad_y = torch.randn(40, 8, generator=gen).to(dtype)
+
+    grouped_sink_swiglu(x, table, perm, offsets, row_ids, gates).backward(grad_y)
+    expected = table.grad.float().clone()
+    table.grad = None
+    main_grad = torch.zeros(30, 3, 8, dtype=torch.float32)
+    main_grad[5] = 1.0  # earlier micro-batches' sums stay and are added to
+    table.grad_added_to_main_grad = False
+    for _ in range(2):
+        grouped_sink_swiglu(x, table, perm, offsets, row_ids, gates, grad_table_into=main_grad).backward(grad_y)
+    assert table.grad_added_to_main_grad and table.grad.shape == table.shape
+    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(main_grad[5], torch.ones(3, 8))
+    untouched = torch.ones(30, dtype=torch.bool)
+    untouched[row_ids.reshape(-1)] = False
+    untouched[5] = False
+    assert torch.count_nonzero(main_grad[untouched]) == 0
+    torch.testing.assert_close(main_grad[row_ids.reshape(-1)], 2 * expected[row_ids.reshape(-1)], atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="grad_table_into"):
+        grouped_sink_swiglu(x, table, perm, offsets, row_ids, gates, grad_table_into=torch.zeros(3))

@@ -98,7 +98,10 @@ class SinkTable(nn.Module):
             gates = (live & ~self.disabled[rows]).to(x.dtype)
         else:
             gates = (~self.disabled[rows]).to(x.dtype)
-        return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base, counts=plan.counts)
+        # Under a data-parallel engine that keeps an fp32 gradient buffer per parameter (Megatron's DDP:
+        # ``main_grad``), the rows' gradients go straight into it (kernels/grouped_sink_swiglu.py).
+        return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base, counts=plan.counts,
+                                   grad_table_into=getattr(self.weight, "main_grad", None))
 
     def extra_repr(self) -> str:
         a = self.assignment
