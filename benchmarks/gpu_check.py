@@ -6,7 +6,9 @@
 2. The same run stopped at the checkpoint and resumed gives bit-identical losses.
 3. FlexAttention (compiled on CUDA) against SDPA on the same packed rows: forward outputs and
    input gradients (FlexAttention's backward runs only on CUDA: on CPU the forward alone).
-4. The Triton kernels that exist (none yet: the dispatch kernels are issue 13's).
+4. The Triton kernels of kernels/ (destination permutation, row permute / un-permute with the
+   combine add) against their torch references on the device (on CPU: the references themselves;
+   tests/test_triton_kernels.py checks the kernels there in Triton's interpreter).
 The last line: ``RESULT gpu_check=ok|failed device=... megatron_tokens_per_s=... mfu=...``.
 
     python benchmarks/gpu_check.py [--steps 50] [--quick]     # --quick: a CPU smoke of the script itself
@@ -102,6 +104,28 @@ def check_flex_attention() -> dict:
     return result
 
 
+def check_triton_kernels() -> dict:
+    """kernels/ as production code runs them on this device (Triton on CUDA) against the torch references."""
+    from kernels.backend import use_triton
+    from kernels.destination_permutation import destination_permutation, destination_permutation_reference
+    from kernels.permute_rows import permute_rows, permute_rows_reference, unpermute_rows, unpermute_rows_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    dest = torch.randint(0, 8, (65_536,), generator=gen).to(device)
+    result: dict = {"impl": "triton" if use_triton(dest) else "torch reference"}
+    got, want = destination_permutation(dest, 8), destination_permutation_reference(dest, 8)
+    result["destination_permutation_exact"] = all(torch.equal(a, b) for a, b in zip(got, want))
+    x = torch.randn(65_536, 1024, generator=gen).to(device, torch.bfloat16)
+    base = torch.randn(65_536, 1024, generator=gen).to(device, torch.bfloat16)
+    perm = got[2]
+    result["permute_rows_exact"] = torch.equal(permute_rows(x, perm), permute_rows_reference(x, perm))
+    diff = (unpermute_rows(x, perm, base).float() - unpermute_rows_reference(x, perm, base).float()).abs().max()
+    result["unpermute_rows_max_abs_diff"] = float(diff)
+    result["ok"] = result["destination_permutation_exact"] and result["permute_rows_exact"] and float(diff) < 1e-2
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=50)
@@ -121,8 +145,9 @@ def main() -> int:
             print(engine, json.dumps(report[engine]), flush=True)
     report["flex_attention"] = check_flex_attention()
     print("flex_attention", json.dumps(report["flex_attention"]))
-    report["triton_kernels"] = "none yet (the dispatch kernels are issue 13's)"
-    ok = report["flex_attention"]["ok"] and all(report[e]["losses_finite"] and report[e]["resume_bit_exact"]
+    report["triton_kernels"] = check_triton_kernels()
+    print("triton_kernels", json.dumps(report["triton_kernels"]))
+    ok = report["flex_attention"]["ok"] and report["triton_kernels"]["ok"] and all(report[e]["losses_finite"] and report[e]["resume_bit_exact"]
                                                for e in ("megatron", "deepspeed"))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

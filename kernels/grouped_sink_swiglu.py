@@ -21,12 +21,15 @@ its hooks still fire, e.g. to mark its bucket ready for an overlapped reduce), a
 ``table.grad_added_to_main_grad`` is set to True: Megatron's convention for "already accumulated,
 do not add ``.grad``", which its DDP hook honours (as it does for its own fused linear layers).
 
-This is the pure-torch reference; it imports nothing from the project.
+This is the pure-torch reference (token rows move through ``permute_rows``, Triton on CUDA); it imports
+nothing from the project outside ``kernels/``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .permute_rows import gather, scatter
 
 __all__ = ["grouped_sink_swiglu"]
 
@@ -48,7 +51,7 @@ class _GroupedSinkSwiGLU(torch.autograd.Function):
     def forward(ctx, x, table, perm, offsets, row_ids, gates, base, counts, grad_table_into):  # type: ignore[override]
         n_groups, k = row_ids.shape
         w13, w2 = _gather_rows(table, row_ids)
-        x_sorted = x if perm is None else x.index_select(0, perm)
+        x_sorted = x if perm is None else gather(x, perm)
         n_tokens = x_sorted.shape[0]
         if counts is None:  # a blocking host-to-device copy on a GPU: callers that can, pass counts
             counts = torch.tensor([hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])], device=x.device)
@@ -68,12 +71,7 @@ class _GroupedSinkSwiGLU(torch.autograd.Function):
                 torch.addmm(base[lo:hi], h[lo:hi], w2[u], out=y_sorted[lo:hi])
             else:
                 torch.matmul(h[lo:hi], w2[u], out=y_sorted[lo:hi])
-        if perm is None:
-            y = y_sorted
-        elif base is not None:
-            y = base.index_add(0, perm, y_sorted)
-        else:
-            y = torch.empty_like(y_sorted).index_copy_(0, perm, y_sorted)
+        y = y_sorted if perm is None else scatter(y_sorted, perm, base)
         ctx.save_for_backward(x_sorted, pre, token_gates, w13, w2, perm, row_ids)
         ctx.offsets = offsets
         ctx.table_shape = table.shape
@@ -87,7 +85,7 @@ class _GroupedSinkSwiGLU(torch.autograd.Function):
         n_groups, k = row_ids.shape
         n_tokens = x_sorted.shape[0]
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dy_sorted = grad_y if perm is None else grad_y.index_select(0, perm)
+        dy_sorted = grad_y if perm is None else gather(grad_y, perm)
         dh = x_sorted.new_empty(n_tokens, k)
         for u in range(n_groups):
             lo, hi = offsets[u], offsets[u + 1]
@@ -108,7 +106,7 @@ class _GroupedSinkSwiGLU(torch.autograd.Function):
             for u in range(n_groups):
                 lo, hi = offsets[u], offsets[u + 1]
                 torch.matmul(d_ab[lo:hi], w13[u], out=dx_sorted[lo:hi])
-            grad_x = dx_sorted if perm is None else torch.empty_like(dx_sorted).index_copy_(0, perm, dx_sorted)
+            grad_x = dx_sorted if perm is None else scatter(dx_sorted, perm)
         if need_table:
             h = silu_a.mul_(b).mul_(token_gates)
             d_rows = x_sorted.new_empty(n_groups, k, 3, x_sorted.shape[1])

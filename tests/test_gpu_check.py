@@ -26,4 +26,5 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     for engine in ("megatron", "deepspeed"):
         assert report[engine]["resume_bit_exact"] and report[engine]["losses_finite"]
+    assert report["triton_kernels"]["ok"] and report["triton_kernels"]["impl"] == "torch reference"
     assert report["flex_attention"]["ok"] and report["flex_attention"]["forward_max_abs_diff"] < 1e-4

@@ -12,7 +12,7 @@ OURS = ("nulls_megatron", "data_prep", "launch", "kernels", "yaml_config")
 
 # (the files, the imported modules they must not use, why)
 RULES = [
-    ("kernels", OURS, "kernels/ is a leaf"),
+    ("kernels", tuple(pkg for pkg in OURS if pkg != "kernels"), "kernels/ is a leaf (its modules use each other only)"),
     ("yaml_config", OURS, "the config loader is a leaf both data_prep and nulls_megatron use"),
     ("data_prep", ("nulls_megatron", "launch", "kernels"), "data preparation knows nothing of training"),
     ("nulls_megatron/sinks", ("megatron", "launch", "data_prep", "nulls_megatron.model", "nulls_megatron.train",
