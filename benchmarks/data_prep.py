@@ -91,10 +91,6 @@ def single_process(specs: list[InputSpec], chunk_bytes: int, model: bytes, targe
             "documents": len(docs), "tokens": sum(len(t) for t in tokens)}
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "prep_shared_corpus.yaml"))
@@ -174,9 +170,9 @@ def main() -> None:
         ray.shutdown()
 
         docs, toks = runs["ray"][0]["documents"], runs["ray"][0]["tokens"]
-        ray_s = _median([x["seconds"] for x in runs["ray"]])
-        single_s = _median([x["seconds"] for x in runs["single"]])
-        enc_s = _median([x["seconds"] for x in runs["ceiling"]])
+        ray_s = statistics.median([x["seconds"] for x in runs["ray"]])
+        single_s = statistics.median([x["seconds"] for x in runs["single"]])
+        enc_s = statistics.median([x["seconds"] for x in runs["ceiling"]])
         ceiling_tokens = runs["ceiling"][0]["tokens"]
         ratios = [s["seconds"] / r["seconds"] for s, r in zip(runs["single"], runs["ray"])]
         print(f"\nmedians over {args.repeats} repeats ({docs:,} documents, {toks:,} tokens, {runs['ray'][0]['shards']} shards):")
@@ -186,9 +182,9 @@ def main() -> None:
               f"{ceiling_tokens / enc_s:11,.0f} tokens/s")
         print(f"  ray_vs_single per repeat: {', '.join(f'{x:.2f}' for x in ratios)} (min {min(ratios):.2f}, max {max(ratios):.2f})")
 
-        phases = {k: _median([x["phase_seconds"][k] for x in runs["ray"]]) for k in runs["ray"][0]["phase_seconds"]}
-        single_encode = _median([x["encode"] for x in runs["single"]])
-        single_shards = _median([x["shards"] for x in runs["single"]])
+        phases = {k: statistics.median([x["phase_seconds"][k] for x in runs["ray"]]) for k in runs["ray"][0]["phase_seconds"]}
+        single_encode = statistics.median([x["encode"] for x in runs["single"]])
+        single_shards = statistics.median([x["shards"] for x in runs["single"]])
         ideal = single_s / args.workers
         print(f"\nwhere the {args.workers} workers lose against {args.workers}x (ideal {ideal:.2f} s = single / {args.workers}):")
         print(f"  encode: {phases['encode']:.2f} s against {single_encode / args.workers:.2f} s ideal "

@@ -3,6 +3,7 @@ the CPU. Tests force Triton on CPU tensors with ``TRITON_INTERPRET=1`` (Triton's
 before ``triton`` is imported) to check every kernel against its reference."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -11,6 +12,7 @@ import torch
 IMPLS = ("auto", "triton", "torch")
 
 
+@functools.cache  # asked on every kernel call on a GPU: look the package up once
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
