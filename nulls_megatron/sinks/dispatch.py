@@ -90,7 +90,7 @@ class AllToAllSinkDispatcher:
         counts, _, perm = destination_permutation(self.destination(token_sources), self.size)
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
-        send_splits, recv_splits = counts.tolist(), recv_counts.tolist()  # the one host sync
+        send_splits, recv_splits = torch.stack([counts, recv_counts]).tolist()  # the one host sync
         recv_sources = token_sources.new_empty(sum(recv_splits))
         dist.all_to_all_single(recv_sources, token_sources.index_select(0, perm), recv_splits, send_splits,
                                group=self.group)
