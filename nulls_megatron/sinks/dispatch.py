@@ -102,10 +102,17 @@ class AllToAllSinkDispatcher:
         """Sink output of this rank's tokens ``x`` [T, d] (+ ``base``); collective over the group."""
         if table.shape[0] != self.rows_per_rank:
             raise ValueError(f"this rank's table shard has {table.shape[0]} rows, expected {self.rows_per_rank}")
-        x_sorted = permute_rows(x, plan.perm)
-        x_recv = _AllToAll.apply(x_sorted, plan.send_splits, plan.recv_splits, self.group)
-        y_recv = _grouped(x_recv, table, disabled, plan.received, self.assignment, layer,
+        y_recv = _grouped(self.dispatch(x, plan), table, disabled, plan.received, self.assignment, layer,
                           row_offset=self.rank * self.rows_per_rank)
+        return self.combine(y_recv, plan, base)
+
+    def dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Stages 1-2 per layer: this rank's token rows grouped by destination and exchanged; returns the
+        rows this rank received, in ``plan.received``'s token order."""
+        return _AllToAll.apply(permute_rows(x, plan.perm), plan.send_splits, plan.recv_splits, self.group)
+
+    def combine(self, y_recv: torch.Tensor, plan: DispatchPlan, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Stages 4-6: results of the received rows sent back, un-permuted, added to ``base``."""
         y_sorted = _AllToAll.apply(y_recv, plan.recv_splits, plan.send_splits, self.group)
         return unpermute_rows(y_sorted, plan.perm, base)
 
