@@ -7,11 +7,17 @@ matmuls of the active parameters (QKV, attention out, the backbone + one source'
 MLP, the LM head), and attention scores + values with the causal half of a packed row (documents are
 shorter than the row; counted as if the row were one document: an upper bound).
 
+The expert-parallel part sizes the sink pool for a deletion budget (the pool whose expected zeroed
+share after ``--deletions`` stays under ``--collateral``), the sink state per GPU at each EP size, and
+the bytes the dispatch moves per step with their time at published all-to-all bandwidths.
+
     python benchmarks/scaling_estimate.py [--config configs/wiki_1b_paper.yaml] [--gpus 64] [--mfu 0.35]
+        [--deletions 100] [--collateral 0.1]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +27,11 @@ from nulls_megatron.config import load_config  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, SXM, dense (no sparsity)
 H100_HBM = 3.35e12  # bytes/s
+# Published all-to-all bandwidths per GPU (bytes/s): NCCL on H100 NVLink, DeepEP's dispatch intranode
+# (NVLink) and internode (RDMA, 43-58 GB/s: the low end is used).
+ALL_TO_ALL_BANDWIDTH = {"NCCL, NVLink (intranode)": 370e9, "DeepEP, NVLink (intranode)": 153e9,
+                        "DeepEP, RDMA (internode)": 43e9}
+GPUS_PER_NODE = 8
 
 
 def flops_per_token(cfg) -> dict[str, float]:
@@ -56,6 +67,35 @@ def state_bytes_per_gpu(params: int, data_parallel: int) -> tuple[float, float]:
     return params * (2 + 4 + 12), params * (2 + 4 + 12 / data_parallel)
 
 
+def pool_for_deletion_budget(k: int, deletions: int, collateral: float) -> int:
+    """Smallest pool (rows per layer) whose expected zeroed share after ``deletions`` forgotten sources,
+    ``1 - (1 - k / n_pool) ** deletions``, is at most ``collateral``."""
+    def keeps(n_pool: int) -> bool:
+        return 1 - (1 - k / n_pool) ** deletions <= collateral * (1 + 1e-12)  # not a rounding error's row more
+
+    n_pool = max(k, math.ceil(k / (1 - (1 - collateral) ** (1 / deletions))))
+    while not keeps(n_pool):
+        n_pool += 1
+    while n_pool > k and keeps(n_pool - 1):
+        n_pool -= 1
+    return n_pool
+
+
+def sink_state_bytes_per_gpu(n_pool: int, d: int, layers: int, ep: int, expert_dp: int) -> float:
+    """Sink-table bytes per GPU with the pool sharded over ``ep`` ranks: bf16 rows and an fp32
+    gradient buffer on every replica, fp32 masters and two moments sharded over the ``expert_dp``
+    replicas (the distributed optimizer)."""
+    params = n_pool * 3 * d * layers / ep
+    return params * (2 + 4 + 12 / expert_dp)
+
+
+def dispatch_bytes_per_step(tokens_per_gpu: int, d: int, layers: int, ep: int, bytes_per_value: int = 2) -> float:
+    """Bytes one GPU sends in a step's all-to-alls: each token's activation row goes to its owner and
+    its result comes back (forward), and both again in the backward (gradients); a share 1 / EP of the
+    tokens stays on its own rank."""
+    return 4 * layers * tokens_per_gpu * d * bytes_per_value * (ep - 1) / ep
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "wiki_1b_paper.yaml"))
@@ -64,6 +104,10 @@ def main() -> None:
     p.add_argument("--tokens", type=float, default=32e9)
     p.add_argument("--doc-tokens", type=float, default=713, help="mean tokens per article (the paper's data)")
     p.add_argument("--launch-us", type=float, default=8.0, help="cost of one small kernel launch + its sync points")
+    p.add_argument("--deletions", type=int, default=100, help="sources to be forgotten over the model's life")
+    p.add_argument("--collateral", type=float, default=0.1, help="largest acceptable zeroed share of a layer's pool")
+    p.add_argument("--imbalance", type=float, default=1.45,
+                   help="max/mean tokens per EP rank (benchmarks/ep_load_balance.py: EP 8, documents cut to 1024)")
     args = p.parse_args()
     cfg = load_config(args.config)
     m, t = cfg.model, cfg.train
@@ -99,8 +143,31 @@ def main() -> None:
     print(f"weights and optimizer state per GPU ({total / 1e9:.2f}B parameters, bf16 weights, fp32 gradient buffer, "
           f"fp32 masters and two AdamW moments; TP = PP = 1, DP = {args.gpus}): replicated {replicated / 2**30:.1f} GiB; "
           f"Megatron's distributed optimizer (optimizer.distributed, the GPU default) {sharded / 2**30:.1f} GiB")
+    print_expert_parallel_plan(cfg, args, per_gpu, ideal / args.mfu)
     print(f"RESULT train_gflop_per_token={f['train'] / 1e9:.3f} step_ms_at_mfu={ideal / args.mfu * 1e3:.0f} "
           f"run_hours={run_s / 3600:.1f}")
+
+
+def print_expert_parallel_plan(cfg, args, tokens_per_gpu: float, step_s: float) -> None:
+    m, n = cfg.model, cfg.nulls
+    k, d, layers = n.sinks_per_source, m.hidden_size, m.num_layers
+    n_pool = pool_for_deletion_budget(k, args.deletions, args.collateral)
+    share = 1 - (1 - k / n.n_pool) ** args.deletions
+    print(f"deletion budget: {args.deletions} sources at <= {args.collateral:.0%} of the pool zeroed needs {n_pool:,} "
+          f"sink rows per layer ({n_pool / n.n_pool:.1f}x the paper's {n.n_pool:,}, which would lose {share:.0%})")
+    print(f"{'EP':>4} {'expert DP':>10} {'sink state / GPU':>17} {'dispatch / step':>16}  "
+          + "  ".join(f"{name:>27}" for name in ALL_TO_ALL_BANDWIDTH))
+    for ep in (1, 2, 4, 8, 16):
+        expert_dp = args.gpus // ep
+        state = sink_state_bytes_per_gpu(n_pool, d, layers, ep, expert_dp)
+        moved = dispatch_bytes_per_step(int(tokens_per_gpu), d, layers, ep)
+        times = []
+        for name, bandwidth in ALL_TO_ALL_BANDWIDTH.items():
+            usable = (ep <= GPUS_PER_NODE) == ("intranode" in name)
+            cost = moved * args.imbalance / bandwidth
+            times.append(f"{cost * 1e3:6.1f} ms ({cost / step_s:4.0%} of step)" if usable and ep > 1 else f"{'-':>27}")
+        print(f"{ep:>4} {expert_dp:>10} {state / 2**30:>13.1f} GiB {moved / 2**30:>12.2f} GiB  " + "  ".join(
+            f"{t:>27}" for t in times))
 
 
 if __name__ == "__main__":

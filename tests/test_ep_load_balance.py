@@ -2,7 +2,6 @@
 formula, and the script end to end on a prep folder's real manifest (no timing: it measures none)."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -10,16 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.benchmark_helpers import load_benchmark
 from tests.train_helpers import write_prep_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("ep_load_balance", ROOT / "benchmarks" / "ep_load_balance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ep_load_balance")
 
 
 def test_tokens_per_rank_splits_documents_across_windows():

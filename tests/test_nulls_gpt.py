@@ -257,13 +257,9 @@ def test_precision_is_bf16_on_gpu_and_fp32_on_cpu():
 def test_scaling_estimate_counts_every_parameter_of_the_built_model(megatron_world, tie):
     """docs/scaling.md's memory per GPU rests on benchmarks/scaling_estimate.total_params: it must count
     exactly what build_nulls_gpt builds (here the tiny config; the paper's is the same formula)."""
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmark_helpers import load_benchmark
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("scaling_estimate", root / "benchmarks" / "scaling_estimate.py")
-    scaling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scaling)
+    scaling = load_benchmark("scaling_estimate")
     cfg = tiny_config(tie_embeddings=tie)
     assert scaling.total_params(cfg) == sum(p.numel() for p in build(cfg).parameters())
     replicated, sharded = scaling.state_bytes_per_gpu(1000, 4)
