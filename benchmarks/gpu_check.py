@@ -7,8 +7,9 @@
 3. FlexAttention (compiled on CUDA) against SDPA on the same packed rows: forward outputs and
    input gradients (FlexAttention's backward runs only on CUDA: on CPU the forward alone).
 4. The Triton kernels of kernels/ (destination permutation, row permute / un-permute with the
-   combine add) against their torch references on the device (on CPU: the references themselves;
-   tests/test_triton_kernels.py checks the kernels there in Triton's interpreter).
+   combine add, the grouped sink SwiGLU forward and backward in fp32 and bf16, its gradients
+   bit-identical across runs) against their torch references on the device (on CPU: the references
+   themselves; tests/test_triton_kernels.py checks the kernels there in Triton's interpreter).
 The last line: ``RESULT gpu_check=ok|failed device=... megatron_tokens_per_s=... mfu=...``.
 
     python benchmarks/gpu_check.py [--steps 50] [--quick]     # --quick: a CPU smoke of the script itself
@@ -122,7 +123,48 @@ def check_triton_kernels() -> dict:
     result["permute_rows_exact"] = torch.equal(permute_rows(x, perm), permute_rows_reference(x, perm))
     diff = (unpermute_rows(x, perm, base).float() - unpermute_rows_reference(x, perm, base).float()).abs().max()
     result["unpermute_rows_max_abs_diff"] = float(diff)
-    result["ok"] = result["destination_permutation_exact"] and result["permute_rows_exact"] and float(diff) < 1e-2
+    result["grouped_sink_swiglu"] = check_grouped_sink_swiglu(device)
+    result["ok"] = (result["destination_permutation_exact"] and result["permute_rows_exact"] and float(diff) < 1e-2
+                    and result["grouped_sink_swiglu"]["ok"])
+    return result
+
+
+def check_grouped_sink_swiglu(device: str) -> dict:
+    """The grouped sink SwiGLU as production code runs it (impl="auto") against impl="torch": output and
+    gradients of x, table and base, largest difference relative to the reference's largest value, over
+    skewed group sizes, groups sharing rows and disabled sinks; then a second run bit-identical."""
+    from kernels.destination_permutation import destination_permutation
+    from kernels.grouped_sink_swiglu import grouped_sink_swiglu
+
+    cuda = device == "cuda"
+    n_tokens, d, n_groups, k, n_rows = (65_536, 1024, 64, 32, 4096) if cuda else (512, 64, 8, 8, 64)
+    gen = torch.Generator().manual_seed(1)
+    dest = (torch.rand(n_tokens, generator=gen) ** 3 * n_groups).long().to(device)  # a few groups hold most tokens
+    counts, _, perm = destination_permutation(dest, n_groups)
+    offsets = [0, *torch.cumsum(counts, 0).tolist()]
+    row_ids = torch.stack([torch.randperm(n_rows, generator=gen)[:k] for _ in range(n_groups)]).to(device)
+    gates = (torch.rand(n_groups, k, generator=gen) < 0.9).float().to(device)
+    result: dict = {}
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        x = torch.randn(n_tokens, d, generator=gen).to(device, dtype)
+        table = (torch.randn(n_rows, 3, d, generator=gen) * d ** -0.5).to(device, dtype)
+        base = torch.randn(n_tokens, d, generator=gen).to(device, dtype)
+        grad_y = torch.randn(n_tokens, d, generator=gen).to(device, dtype)
+
+        def run(impl: str) -> list[torch.Tensor]:
+            leaves = [t.clone().requires_grad_(True) for t in (x, table, base)]
+            y = grouped_sink_swiglu(leaves[0], leaves[1], perm, offsets, row_ids, gates, base=leaves[2], counts=counts,
+                                    impl=impl)
+            y.backward(grad_y)
+            return [y.detach()] + [t.grad for t in leaves]
+
+        got, want = run("auto"), run("torch")
+        name = str(dtype).removeprefix("torch.")
+        rel = [float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)) for a, b in zip(got, want)]
+        result[f"{name}_max_rel_diff"] = dict(zip(("y", "x", "table", "base"), rel))
+        result[f"{name}_ok"] = max(rel) < tol
+        result[f"{name}_bit_identical_rerun"] = all(torch.equal(a, b) for a, b in zip(got, run("auto")))
+    result["ok"] = all(v for key, v in result.items() if key.endswith(("_ok", "_rerun")))
     return result
 
 

@@ -127,9 +127,11 @@ def main() -> None:
           f"({run_s * args.gpus / 3600:,.0f} GPU-hours): the sink pool holds most parameters but costs no FLOPs")
     sources = per_gpu / args.doc_tokens + t.micro_batch_rows  # whole documents plus one split per row
     launches = sources * m.num_layers * (6 + 6)  # per source and layer: 2 GEMMs fwd, 4 bwd, ~6 elementwise
-    print(f"the per-source sink loop (kernels/grouped_sink_swiglu.py, until a grouped kernel): ~{sources:.0f} sources "
+    grouped = m.num_layers * 5  # the Triton kernel: 1 launch forward; backward the input and row gradients, a sort, the per-row sum
+    print(f"the per-source sink loop (kernels/grouped_sink_swiglu.py's torch reference): ~{sources:.0f} sources "
           f"per GPU and step (documents of {args.doc_tokens:.0f} tokens) -> ~{launches:,.0f} kernel launches, "
-          f"{launches * args.launch_us / 1e3:.0f} ms at {args.launch_us:.0f} us each: more than the step's compute")
+          f"{launches * args.launch_us / 1e3:.0f} ms at {args.launch_us:.0f} us each: more than the step's compute; "
+          f"the grouped Triton kernel (the CUDA default): ~{grouped} launches, {grouped * args.launch_us / 1e3:.1f} ms")
     b, h, s, layers = t.micro_batch_rows, m.num_attention_heads, m.seq_length, m.num_layers
     probs = b * h * s * s * 4 * layers  # fp32 softmax probabilities saved for backward, every layer
     print(f"masked attention (today's path before issue 10): fp32 probabilities saved for backward "
