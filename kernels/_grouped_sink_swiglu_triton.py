@@ -27,17 +27,24 @@ def _group_rows(row_ids_ptr, gates_ptr, u, k, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def forward(x_ptr, table_ptr, row_ids_ptr, gates_ptr, offsets_ptr, tile_group_ptr, tile_start_ptr, base_ptr,
-            y_ptr, pre_ptr, d, k, HAS_BASE: tl.constexpr, PRECISION: tl.constexpr, K_PAD: tl.constexpr,
-            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One tile of tokens: a = x W1^T, b = x W3^T over d blocks; h = g silu(a) b; y = h W2 (+ base).
-    Saves a and b (fp32) for the backward."""
+def _tile(tile_group_ptr, tile_start_ptr, offsets_ptr, BLOCK_T: tl.constexpr):
+    """This program's tile: its group, its tokens (up to BLOCK_T from the tile's start) and which of
+    them belong to the group."""
     tile = tl.program_id(0)
     u = tl.load(tile_group_ptr + tile).to(tl.int64)
     t0 = tl.load(tile_start_ptr + tile).to(tl.int64)
     hi = tl.load(offsets_ptr + u + 1).to(tl.int64)
     tokens = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-    in_group = tokens < hi
+    return u, tokens, tokens < hi
+
+
+@triton.jit
+def forward(x_ptr, table_ptr, row_ids_ptr, gates_ptr, offsets_ptr, tile_group_ptr, tile_start_ptr, base_ptr,
+            y_ptr, pre_ptr, d, k, HAS_BASE: tl.constexpr, PRECISION: tl.constexpr, K_PAD: tl.constexpr,
+            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One tile of tokens: a = x W1^T, b = x W3^T over d blocks; h = g silu(a) b; y = h W2 (+ base).
+    Saves a and b (fp32) for the backward."""
+    u, tokens, in_group = _tile(tile_group_ptr, tile_start_ptr, offsets_ptr, BLOCK_T)
     rows, gates, live = _group_rows(row_ids_ptr, gates_ptr, u, k, K_PAD)
     dtype = x_ptr.dtype.element_ty
 
@@ -78,12 +85,7 @@ def backward_input(dy_ptr, table_ptr, row_ids_ptr, gates_ptr, offsets_ptr, tile_
                    PRECISION: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """One tile of tokens: dh = g (dy W2^T); da = dh b silu'(a), db = dh silu(a) (saved, fp32, for
     the table gradient); dx = da W1 + db W3."""
-    tile = tl.program_id(0)
-    u = tl.load(tile_group_ptr + tile).to(tl.int64)
-    t0 = tl.load(tile_start_ptr + tile).to(tl.int64)
-    hi = tl.load(offsets_ptr + u + 1).to(tl.int64)
-    tokens = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-    in_group = tokens < hi
+    u, tokens, in_group = _tile(tile_group_ptr, tile_start_ptr, offsets_ptr, BLOCK_T)
     rows, gates, live = _group_rows(row_ids_ptr, gates_ptr, u, k, K_PAD)
     dtype = dy_ptr.dtype.element_ty
 
