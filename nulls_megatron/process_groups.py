@@ -17,7 +17,8 @@ _LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
 
 def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     """Initialise the process group (from torchrun/SLURM variables, or as a single
-    local process when launched plainly) and the TP x PP groups, then seed.
+    local process when launched plainly) and the TP x PP groups (and the expert-parallel groups of the
+    sink pool: EP carved out of data parallelism), then seed.
 
     Safe to call again in one process (e.g. to switch TP size in a test): the
     process group is reused and the model-parallel groups are rebuilt.
@@ -33,10 +34,19 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
         raise ValueError(
             f"world size {world} is not a multiple of tensor_parallel x pipeline_parallel = {model_parallel}"
         )
+    data_parallel = world // model_parallel
+    if data_parallel % parallel.expert_parallel:
+        raise ValueError(f"parallel.expert_parallel = {parallel.expert_parallel} does not divide the data-parallel size "
+                         f"{data_parallel} (world {world} / tensor_parallel x pipeline_parallel {model_parallel})")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
+        # The sink pool is sharded over data-parallel replicas only: expert tensor parallelism is the
+        # tensor-parallel size, so that tensor-parallel peers, which hold the same tokens, hold the
+        # same pool shard (replicated, as the whole table is without EP) and never dispatch a token twice.
+        expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=parallel.tensor_parallel,
         distributed_timeout_minutes=parallel.timeout_minutes,
     )
     model_parallel_seed(seed)

@@ -8,7 +8,11 @@ the format version, shapes, dtype, assignment parameters, layer numbers, the
 sources' state (:class:`SourceState`: erased and suppressed sources, the sources
 manifest the model was trained on, the unlearning receipts) and the sha256 of
 every file. The manifest is written last, so a manifest implies complete files;
-loading checks every digest before reading a tensor. Only safetensors are read:
+loading checks every digest before reading a tensor. The files do not depend on
+how the pool was sharded in training: a table holding only an expert-parallel
+rank's rows (``SinkTable.row_start:row_stop``, whole pool shards) writes and reads
+just its shards' files, so a checkpoint saved at one expert-parallel size loads
+at any other (and unlearning, export and evaluation read it as any other). Only safetensors are read:
 no pickle anywhere. The same tensors always give the same bytes (the metadata is
 one sorted JSON string), so equal digests show equal checkpoints.
 """
@@ -156,9 +160,10 @@ def _check_optimizer_state(tables: Sequence[SinkTable], state: OptimizerState) -
         if sorted(state[key]) != names:
             raise ValueError(f"optimizer_state[{key!r}] has {sorted(state[key])}, others have {names}")
         for name, tensor in state[key].items():
-            if tensor.dim() == 0 or tensor.shape[0] != t.assignment.n_pool:
+            held = t.row_stop - t.row_start
+            if tensor.dim() == 0 or tensor.shape[0] != held:
                 raise ValueError(f"optimizer_state[{key!r}][{name!r}] has shape {tuple(tensor.shape)}; "
-                                 f"a per-row tensor with leading dim n_pool={t.assignment.n_pool} is required")
+                                 f"a per-row tensor with leading dim {held} (the table's rows) is required")
     return names or []
 
 
@@ -190,8 +195,8 @@ def write_sink_files(
     progress: Callable[[Path], None] | None = None,
 ) -> dict:
     """The shard files of ``tables`` without a manifest; returns a JSON-able *part* (layers, digests,
-    shared fields) for :func:`write_sink_manifest`. Pipeline stages each write their own layers and
-    one rank writes the manifest from every stage's part."""
+    shared fields) for :func:`write_sink_manifest`. Pipeline stages each write their own layers,
+    expert-parallel ranks their own pool shards, and one rank writes the manifest from every part."""
     common = _common(tables)
     optim_names = _check_optimizer_state(tables, optimizer_state) if optimizer_state else []
     a = tables[0].assignment
@@ -203,10 +208,11 @@ def write_sink_files(
         weight = t.weight.detach()
         disabled = t.disabled.detach().to(torch.uint8)
         opt = optimizer_state[table_key(t)] if optimizer_state else {}
-        for shard in range(a.n_shards):
+        for shard in _held_shards(t):
             lo, hi = shard * rows, (shard + 1) * rows
-            tensors = {"weight": weight[lo:hi], "disabled": disabled[lo:hi]}
-            tensors.update({OPTIM_PREFIX + n: opt[n].detach()[lo:hi] for n in optim_names})
+            local = slice(lo - t.row_start, hi - t.row_start)
+            tensors = {"weight": weight[local], "disabled": disabled[local]}
+            tensors.update({OPTIM_PREFIX + n: opt[n].detach()[local] for n in optim_names})
             # safetensors wants contiguous CPU tensors that own no shared storage.
             tensors = {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
             meta = {"format": FORMAT, "layer": str(t.layer_number), "shard": str(shard), "rows": f"{lo}:{hi}"}
@@ -220,25 +226,39 @@ def write_sink_files(
             "optimizer_tensors": optim_names, "files": digests}
 
 
+def _held_shards(table: SinkTable) -> range:
+    """The pool shards whose rows ``table`` holds (all of them without expert parallelism)."""
+    rows = table.assignment.shard_size
+    if table.row_start % rows or table.row_stop % rows:
+        raise ValueError(f"sink table of layer {table.layer_number} holds rows {table.row_start}:{table.row_stop}, "
+                         f"not whole pool shards of {rows} rows")
+    return range(table.row_start // rows, table.row_stop // rows)
+
+
 def write_sink_manifest(dir: str | os.PathLike, parts: Sequence[dict], state: SourceState | None = None) -> Path:
     """Write ``dir/sinks/manifest.json`` over the files of ``parts`` (from :func:`write_sink_files`),
-    after checking that the parts agree and cover distinct layers; returns its path."""
+    after checking that the parts agree, write no file twice and together hold every pool shard of
+    every layer they name; returns its path."""
     if not parts:
         raise ValueError("sink manifest: no parts given")
     sources_json = (state or SourceState()).to_json()
     common, optim_names = parts[0]["common"], parts[0]["optimizer_tensors"]
-    layers: list[int] = []
+    layers: set[int] = set()
     digests: dict[str, str] = {}
     for part in parts:
         for field, mine in (("common", common), ("optimizer_tensors", optim_names)):
             if part[field] != mine:
                 raise ValueError(f"sink manifest: parts disagree on {field}: {part[field]} vs {mine}")
-        clash = set(layers) & set(part["layers"])
+        clash = set(digests) & set(part["files"])
         if clash:
-            raise ValueError(f"sink manifest: layers {sorted(clash)} were written twice")
-        layers += part["layers"]
+            raise ValueError(f"sink manifest: files {sorted(clash)[:4]} were written twice")
+        layers |= set(part["layers"])
         digests.update(part["files"])
     a = common["assignment"]
+    missing = [shard_file_name(layer, shard) for layer in sorted(layers) for shard in range(a["n_shards"])
+               if shard_file_name(layer, shard) not in digests]
+    if missing:
+        raise ValueError(f"sink manifest: no part wrote {len(missing)} shard file(s), e.g. {missing[:4]}")
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -316,7 +336,8 @@ def load_sink_tables(dir: str | os.PathLike, tables: Sequence[SinkTable]) -> Opt
 
     Every file the tables need is checked (sha256, tensor names, shapes) before
     any table is touched, so a refused checkpoint leaves the model unchanged.
-    ``tables`` may be a subset of the saved layers (a pipeline stage's).
+    ``tables`` may be a subset of the saved layers (a pipeline stage's) and hold a subset of the pool's
+    rows (an expert-parallel rank's shards): each reads just its own files.
     """
     manifest = read_sink_manifest(dir)
     out = Path(dir) / SINKS_DIR
@@ -324,7 +345,7 @@ def load_sink_tables(dir: str | os.PathLike, tables: Sequence[SinkTable]) -> Opt
     a = tables[0].assignment
     rows, d = a.shard_size, tables[0].hidden_size
     optim_names = list(manifest.get("optimizer_tensors", []))
-    names = [(t, s, shard_file_name(t.layer_number, s)) for t in tables for s in range(a.n_shards)]
+    names = [(t, s, shard_file_name(t.layer_number, s)) for t in tables for s in _held_shards(t)]
     shapes = {"weight": [rows, 3, d], "disabled": [rows]}
     optim_keys = [OPTIM_PREFIX + n for n in optim_names]
     for _, _, name in names:
@@ -333,9 +354,9 @@ def load_sink_tables(dir: str | os.PathLike, tables: Sequence[SinkTable]) -> Opt
     with torch.no_grad():
         for t, shard, name in names:
             data = load_file(str(out / name))
-            lo, hi = shard * rows, (shard + 1) * rows
-            t.weight[lo:hi].copy_(data["weight"])
-            t.disabled[lo:hi].copy_(data["disabled"].to(torch.bool))
+            local = slice(shard * rows - t.row_start, (shard + 1) * rows - t.row_start)
+            t.weight[local].copy_(data["weight"])
+            t.disabled[local].copy_(data["disabled"].to(torch.bool))
             for n in optim_names:
                 result.setdefault(table_key(t), {}).setdefault(n, []).append(data[OPTIM_PREFIX + n])
     if not optim_names:

@@ -210,7 +210,7 @@ def dense_active_config(cfg: Config, run_dir: str | Path | None = None) -> Confi
     """The standard transformer of ``cfg``'s active size, as a NULLs config: a pool of exactly
     ``k = sinks_per_source`` rows in one shard, so every source owns every pool row and each token
     runs a dense SwiGLU of width ``n_backbone + k`` (what a NULLs token runs). Everything else (data,
-    excluded sources, seed, schedule, parallel layout) is ``cfg``'s, so ``nulls train`` trains it
+    excluded sources, seed, schedule, parallel layout but expert parallelism) is ``cfg``'s, so ``nulls train`` trains it
     on the same data in the same order. Evaluate it in ``own`` mode (``expected`` is the same, as
     p_mem = 1; ``backbone`` would drop the k rows). ``run_dir``: default ``<cfg run_dir>-dense-active``."""
     n, k = cfg.nulls, cfg.nulls.sinks_per_source
@@ -222,4 +222,7 @@ def dense_active_config(cfg: Config, run_dir: str | Path | None = None) -> Confi
     train = dataclasses.replace(cfg.train, run_dir=str(run_dir or f"{cfg.train.run_dir.rstrip('/')}-dense-active"))
     # An unset run name defaults to the run directory's name, which already says what this is.
     tracking = dataclasses.replace(cfg.tracking, run_name=f"{cfg.tracking.run_name}-dense-active" if cfg.tracking.run_name else "")
-    return dataclasses.replace(cfg, model=model, nulls=nulls, train=train, tracking=tracking).validate("dense_active_config")
+    # A pool of k rows in one shard is not sharded: no expert parallelism (the replicas stay data-parallel).
+    parallel = dataclasses.replace(cfg.parallel, expert_parallel=1)
+    return dataclasses.replace(cfg, model=model, nulls=nulls, train=train, tracking=tracking,
+                               parallel=parallel).validate("dense_active_config")

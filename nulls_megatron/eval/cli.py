@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", required=True, help="held-out text never trained on: JSONL {\"text\"} or a prep folder")
     p.add_argument("--oracle", help="a checkpoint trained without the forget set (same config, seed, schedule)")
     p.add_argument("--train-oracle", action="store_true", help="train that oracle now (into OUT/oracle)")
-    p.add_argument("--oracle-nproc", type=int, help="processes for --train-oracle (default: TP x PP of the run)")
+    p.add_argument("--oracle-nproc", type=int, help="processes for --train-oracle (default: TP x PP x EP of the run)")
     p.add_argument("--before", help="the model before unlearning (default: found beside the unlearned checkpoint)")
     p.add_argument("--out", default="eval", help="report folder (default: %(default)s)")
     p.add_argument("--modes", default="own,nearest,backbone,expected", help="modes to score (default: %(default)s)")

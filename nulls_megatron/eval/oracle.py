@@ -30,14 +30,16 @@ def oracle_config(checkpoint: Path, forget: Sequence[int], run_dir: Path) -> dic
 def train_oracle(checkpoint: Path, forget: Sequence[int], out: Path, nproc: int | None = None) -> Path:
     """Train (or finish training) the oracle under ``out/oracle`` and return its final checkpoint.
 
-    ``nproc``: processes to launch (default: the tensor x pipeline size of the run config)."""
+    ``nproc``: processes to launch (default: the tensor x pipeline x expert-parallel size of the run
+    config: an expert-parallel pool needs that many data-parallel replicas)."""
     run_dir = out / "oracle"
     cfg = oracle_config(checkpoint, forget, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = out / "oracle_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     parallel = cfg.get("parallel", {})
-    nproc = nproc or int(parallel.get("tensor_parallel", 1)) * int(parallel.get("pipeline_parallel", 1))
+    nproc = nproc or (int(parallel.get("tensor_parallel", 1)) * int(parallel.get("pipeline_parallel", 1))
+                      * int(parallel.get("expert_parallel", 1)))
     print(f"eval: training the oracle without {len(forget)} sources ({nproc} processes) -> {run_dir}", flush=True)
     done = subprocess.run([sys.executable, "-m", "nulls_megatron.cli", "train", "--config", str(config_path),
                            "--nproc", str(nproc)], env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})

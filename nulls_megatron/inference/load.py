@@ -52,7 +52,8 @@ def checkpoint_config(checkpoint: Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the checkpoint holds no run config")
     cfg = config_from_dict(yaml.safe_load(path.read_text()), str(path))
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor_parallel=1, pipeline_parallel=1))
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor_parallel=1, pipeline_parallel=1,
+                                                                   expert_parallel=1))
 
 
 def load_for_inference(checkpoint: str | os.PathLike, manifest: str | os.PathLike | None = None,

@@ -85,6 +85,9 @@ class NullsGPTModel(GPTModel):
         self.attention_context = AttentionContext(backend=self.attention_backend)
         check_megatron_recompute(config, self.attention_backend)
         contexts = ForwardContexts(self.routing_context, self.attention_context)
+        mlps = self.nulls_mlps()
+        # The expert-parallel dispatcher of this stage's sink tables (they share assignment and group), or None.
+        self._dispatcher = mlps[0].sinks.dispatcher if mlps else None
         for module in self.modules():
             if isinstance(module, NullsMegatronMLP):
                 module.routing_context = self.routing_context
@@ -136,7 +139,9 @@ class NullsGPTModel(GPTModel):
         elif attention_mask is None:
             self.attention_context.prepare(documents)
         mode = SinkMode(sink_mode)
-        if routing_plan is not None and mode is SinkMode.TRAIN:
+        if self._dispatcher is not None and mode in (SinkMode.TRAIN, SinkMode.ROUTE):
+            self.routing_context.routing = self._expert_parallel_routing(source_ids, mode, route_sources)
+        elif routing_plan is not None and mode is SinkMode.TRAIN:
             if routing_plan.num_tokens != source_ids.numel():
                 raise ValueError(f"routing_plan covers {routing_plan.num_tokens} tokens, source_ids {tuple(source_ids.shape)}")
             self.routing_context.routing = SinkRouting(SinkMode.TRAIN, routing_plan)
@@ -147,6 +152,20 @@ class NullsGPTModel(GPTModel):
         finally:
             self.routing_context.routing = None
             self.attention_context.clear()
+
+    def _expert_parallel_routing(self, source_ids: torch.Tensor, mode: SinkMode, route_sources) -> SinkRouting:
+        """The dispatch plan of this forward, shared by every layer: collective over the expert-parallel
+        group (every rank of it runs a forward at the same time, as its data-parallel replicas do)."""
+        if mode is SinkMode.ROUTE:
+            if route_sources is None:
+                raise ValueError("sink_mode='route' needs route_sources (one source id or [b, s] ids)")
+            if isinstance(route_sources, int):
+                route_sources = torch.full_like(source_ids, route_sources)
+            if route_sources.shape != source_ids.shape:
+                raise ValueError(f"route_sources {tuple(route_sources.shape)} must match source_ids {tuple(source_ids.shape)}")
+            source_ids = route_sources
+        # Inside the decoder hidden states are [s, b, h]: tokens flatten sequence-major.
+        return SinkRouting(mode, dispatch=self._dispatcher.plan(source_ids.t().reshape(-1)))
 
     @staticmethod
     def _routing(source_ids: torch.Tensor, mode: SinkMode, route_sources) -> SinkRouting:

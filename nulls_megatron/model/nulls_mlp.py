@@ -5,8 +5,11 @@ and up, ``stride=2`` as Megatron's MLP, so it reshards across TP sizes); its
 output is all-reduced by fc2. The sink table sits beside it, replicated on the
 tensor-parallel ranks: each rank computes the live sinks of every token and
 adds them after the reduction, so TP changes nothing in the result and costs no
-extra communication. (Sharding the pool itself is expert-parallel work: METHOD.md
-section 5.)
+extra communication. With ``parallel.expert_parallel`` > 1 the table is sharded by
+rows over Megatron's expert-parallel group (carved out of data parallelism,
+METHOD.md section 5) and tokens travel to the rank owning their sinks; its weight is
+marked as Megatron marks expert parameters (``allreduce = False``), so that Megatron's
+DDP reduces its gradient over the expert-data-parallel group only.
 
 Per-token routing reaches the module through ``routing_context``, an object the
 enclosing :class:`~nulls_megatron.model.gpt.NullsGPTModel` shares with all its
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.mlp import MLPSubmodules, apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
@@ -60,8 +64,6 @@ class NullsMegatronMLP(MegatronModule):
             raise ValueError("the NULLs MLP has no biases: set add_bias_linear=False")
         self.n_backbone = n_backbone
         if tp_group is None:
-            from megatron.core import parallel_state
-
             tp_group = parallel_state.get_tensor_model_parallel_group()
         self.linear_fc1 = build_module(
             submodules.linear_fc1,
@@ -91,6 +93,11 @@ class NullsMegatronMLP(MegatronModule):
             tp_group=tp_group,
         )
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        # The expert-parallel group of process_groups.init_model_parallel (parallel.expert_parallel); not
+        # TransformerConfig's expert_model_parallel_size, which Megatron ties to its own MoE layers.
+        expert_group = None
+        if parallel_state.get_expert_model_parallel_world_size() > 1:
+            expert_group = parallel_state.get_expert_model_parallel_group()
         self.sinks = SinkTable(
             assignment,
             config.hidden_size,
@@ -99,7 +106,10 @@ class NullsMegatronMLP(MegatronModule):
             output_init_method=config.output_layer_init_method,
             dtype=config.params_dtype,
             device=device,
+            expert_group=expert_group,
         )
+        if self.sinks.expert_parallel:
+            self.sinks.weight.allreduce = False
         self.routing_context = RoutingContext()
 
     def set_layer_number(self, layer_number: int) -> None:

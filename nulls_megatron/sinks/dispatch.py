@@ -98,12 +98,14 @@ class AllToAllSinkDispatcher:
         return DispatchPlan(perm, send_splits, recv_splits, received)
 
     def forward(self, x: torch.Tensor, table: torch.Tensor, disabled: torch.Tensor, plan: DispatchPlan,
-                base: torch.Tensor | None = None, layer: int = 0) -> torch.Tensor:
-        """Sink output of this rank's tokens ``x`` [T, d] (+ ``base``); collective over the group."""
+                base: torch.Tensor | None = None, layer: int = 0,
+                grad_table_into: torch.Tensor | None = None) -> torch.Tensor:
+        """Sink output of this rank's tokens ``x`` [T, d] (+ ``base``); collective over the group.
+        ``grad_table_into``: as in ``kernels.grouped_sink_swiglu`` (the shard's ``main_grad``)."""
         if table.shape[0] != self.rows_per_rank:
             raise ValueError(f"this rank's table shard has {table.shape[0]} rows, expected {self.rows_per_rank}")
         y_recv = _grouped(self.dispatch(x, plan), table, disabled, plan.received, self.assignment, layer,
-                          row_offset=self.rank * self.rows_per_rank)
+                          row_offset=self.rank * self.rows_per_rank, grad_table_into=grad_table_into)
         return self.combine(y_recv, plan, base)
 
     def dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -138,9 +140,11 @@ def _all_to_all(rows: torch.Tensor, send: list[int], recv: list[int], group) -> 
 
 
 def _grouped(x: torch.Tensor, table: torch.Tensor, disabled: torch.Tensor, received: RoutingPlan | None,
-             assignment: SinkAssignment, layer: int, row_offset: int, base: torch.Tensor | None = None) -> torch.Tensor:
+             assignment: SinkAssignment, layer: int, row_offset: int, base: torch.Tensor | None = None,
+             grad_table_into: torch.Tensor | None = None) -> torch.Tensor:
     if received is None:  # no token: an empty result that still carries the graph (collectives run in backward)
         return x * 0 if base is None else base + x * 0
     rows = received.rows(assignment, layer) - row_offset
     gates = (~disabled[rows]).to(x.dtype)
-    return grouped_sink_swiglu(x, table, received.perm, received.offsets, rows, gates, base=base, counts=received.counts)
+    return grouped_sink_swiglu(x, table, received.perm, received.offsets, rows, gates, base=base, counts=received.counts,
+                               grad_table_into=grad_table_into)

@@ -92,10 +92,13 @@ class RoutingPlan:
 
 @dataclass
 class SinkRouting:
-    """How the sinks are used in one forward pass; build with the class methods."""
+    """How the sinks are used in one forward pass; build with the class methods. With an
+    expert-parallel pool, ``dispatch`` is the forward's ``dispatch.DispatchPlan`` (tokens to the ranks
+    owning their sources' sinks), built once by the model and shared by every layer."""
 
     mode: SinkMode
     plan: RoutingPlan | None = None
+    dispatch: object | None = None
 
     @classmethod
     def train(cls, token_sources: torch.Tensor) -> "SinkRouting":

@@ -7,6 +7,12 @@ gathered in one ``index_select`` (and sharded by rows across devices like an
 embedding table). ``disabled`` marks the sinks of forgotten sources; they are
 off in every mode. With the upstream assignment (a varying number of sinks per
 source) a group's rows are padded with -1; padding gets a zero gate.
+
+With an expert-parallel group (``expert_group`` of size P > 1) the table holds only rows
+``[rank n_pool / P, (rank + 1) n_pool / P)`` (``row_start``, ``row_stop``; whole pool shards, so a
+source's sinks all lie on one rank), and ``train`` / ``route`` forwards send each token to the rank
+owning its source's sinks (``dispatch.AllToAllSinkDispatcher``) with the plan the caller built once
+per forward (``SinkRouting.dispatch``).
 """
 from __future__ import annotations
 
@@ -18,7 +24,10 @@ from torch import nn
 
 from kernels.grouped_sink_swiglu import grouped_sink_swiglu
 
+import torch.distributed as dist
+
 from .assignment import Assignment
+from .dispatch import AllToAllSinkDispatcher
 from .routing import SinkMode, SinkRouting
 
 InitMethod = Callable[[torch.Tensor], object]
@@ -39,6 +48,7 @@ class SinkTable(nn.Module):
         output_init_method: InitMethod | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        expert_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if n_backbone < 1:
@@ -47,23 +57,36 @@ class SinkTable(nn.Module):
         self.hidden_size = hidden_size
         self.n_backbone = n_backbone
         self.layer_number = layer_number
-        self.weight = nn.Parameter(torch.empty(assignment.n_pool, 3, hidden_size, dtype=dtype, device=device))
-        self.register_buffer("disabled", torch.zeros(assignment.n_pool, dtype=torch.bool, device=device))
+        self.dispatcher: AllToAllSinkDispatcher | None = None
+        self.row_start, self.row_stop = 0, assignment.n_pool
+        if expert_group is not None and dist.get_world_size(expert_group) > 1:
+            self.dispatcher = AllToAllSinkDispatcher(assignment, expert_group)
+            rows = self.dispatcher.rows_per_rank
+            self.row_start, self.row_stop = self.dispatcher.rank * rows, (self.dispatcher.rank + 1) * rows
+        held = self.row_stop - self.row_start
+        self.weight = nn.Parameter(torch.empty(held, 3, hidden_size, dtype=dtype, device=device))
+        self.register_buffer("disabled", torch.zeros(held, dtype=torch.bool, device=device))
         self._init_method = init_method or normal_init(0.02)
         self._output_init_method = output_init_method or self._init_method
         self.reset_parameters()
 
+    @property
+    def expert_parallel(self) -> bool:
+        return self.dispatcher is not None
+
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            # Initialised as the whole [n_pool, d] W1, W3 and [d, n_pool] W2 would be,
-            # so a dense layer and a sink table of the same seed hold the same numbers.
+            # Initialised as the whole [n_pool, d] W1, W3 and [d, n_pool] W2 would be, so a dense layer and
+            # a sink table of the same seed hold the same numbers (and each expert-parallel shard its rows).
+            n_pool, d, held = self.assignment.n_pool, self.hidden_size, slice(self.row_start, self.row_stop)
+            like = dict(dtype=self.weight.dtype, device=self.weight.device)
             for slot, init in ((0, self._init_method), (1, self._init_method)):
-                full = torch.empty_like(self.weight[:, slot])
+                full = torch.empty(n_pool, d, **like)
                 init(full)
-                self.weight[:, slot] = full
-            w2 = torch.empty(self.hidden_size, self.assignment.n_pool, dtype=self.weight.dtype, device=self.weight.device)
+                self.weight[:, slot] = full[held]
+            w2 = torch.empty(d, n_pool, **like)
             self._output_init_method(w2)
-            self.weight[:, 2] = w2.t()
+            self.weight[:, 2] = w2.t()[held]
 
     @property
     def p_mem(self) -> float:
@@ -83,6 +106,8 @@ class SinkTable(nn.Module):
         """``base`` [T, d] (the backbone output) plus the sinks' contribution for tokens ``x`` [T, d]."""
         if routing.mode is SinkMode.BACKBONE:
             return base
+        if self.dispatcher is not None:
+            return self._forward_expert_parallel(x, routing, base)
         if routing.mode is SinkMode.EXPECTED:
             gates = (~self.disabled).to(x.dtype) * self.p_mem
             w = self.weight
@@ -103,12 +128,23 @@ class SinkTable(nn.Module):
         return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base, counts=plan.counts,
                                    grad_table_into=getattr(self.weight, "main_grad", None))
 
+    def _forward_expert_parallel(self, x: torch.Tensor, routing: SinkRouting, base: torch.Tensor) -> torch.Tensor:
+        if routing.mode is SinkMode.EXPECTED:
+            raise NotImplementedError("sink_mode 'expected' needs every row of the pool on one rank: evaluate the "
+                                      "saved checkpoint, which loads at any expert-parallel size (nulls eval)")
+        if routing.dispatch is None:
+            raise RuntimeError("an expert-parallel sink table needs the forward's dispatch plan (SinkRouting.dispatch), "
+                               "built once per forward by the model from the tokens' sources")
+        return self.dispatcher.forward(x, self.weight, self.disabled, routing.dispatch, base=base,
+                                       layer=self.layer_number, grad_table_into=getattr(self.weight, "main_grad", None))
+
     def extra_repr(self) -> str:
         a = self.assignment
         return (
             f"n_pool={a.n_pool}, k={'upstream' if a.variable_sinks else a.sinks_per_source}, "
             f"shards={a.n_shards}, d={self.hidden_size}, "
             f"layer={self.layer_number}, disabled={int(self.disabled.sum())}"
+            + (f", rows={self.row_start}:{self.row_stop} of the expert-parallel pool" if self.expert_parallel else "")
         )
 
 

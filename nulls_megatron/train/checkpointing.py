@@ -93,7 +93,9 @@ def save_checkpoint(cfg: Config, step: int, engine: Engine, loader: PrefetchLoad
     sink_moments = {table_key(t): engine.moments(t.weight) for t in tables}
     loader_states = [None] * dist.get_world_size()
     dist.all_gather_object(loader_states, {"dp_rank": parallel_state.get_data_parallel_rank(), "state": loader.state_dict()})
-    writes_sinks = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    # One replica writes the sink files: each expert-parallel rank of it its own pool shards.
+    writes_sinks = (parallel_state.get_tensor_model_parallel_rank() == 0
+                    and parallel_state.get_expert_data_parallel_rank() == 0)
 
     def write_all(tmp: Path) -> None:
         save_backbone(tmp, module, moments=backbone_moments, common={"optimizer_steps": engine.optimizer_steps()})

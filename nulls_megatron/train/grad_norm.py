@@ -5,7 +5,9 @@ shards are summed over the TP group, replicated parameters (norms, sink tables)
 are counted on TP rank 0 only, and the tied output weight on the last pipeline
 stage (a copy of the first stage's embedding, marked ``shared``) is skipped. The
 squared sums are all-reduced over the model-parallel group, so every rank gets
-the same norm. Plain torch ops only, so it runs on CPU (Megatron's version asserts
+the same norm. Expert-parallel parameters (sink-table shards, marked as Megatron
+marks experts: ``allreduce = False``) hold different rows on each rank of the
+expert-parallel group: their squares are summed over that group first. Plain torch ops only, so it runs on CPU (Megatron's version asserts
 CUDA tensors).
 """
 from __future__ import annotations
@@ -24,11 +26,20 @@ def _counted_once(param: torch.nn.Parameter) -> bool:
 
 def global_grad_norm(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> float:
     """L2 norm of the full model's gradient (after data-parallel reduction), the same on every rank."""
-    squares = [grad.detach().double().pow(2).sum() for param, grad in zip(params, grads)
-               if grad is not None and _counted_once(param)]
+    counted = [(param, grad) for param, grad in zip(params, grads) if grad is not None and _counted_once(param)]
+    device = counted[0][1].device if counted else torch.device("cpu")
+
+    def sum_of_squares(expert: bool) -> torch.Tensor:
+        squares = [grad.detach().double().pow(2).sum() for param, grad in counted
+                   if (getattr(param, "allreduce", True) is False) == expert]
+        return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64, device=device)
+
     # Summed where the gradients live, then one copy to the CPU (one device sync per step, not one per
-    # parameter); the all-reduce runs on the CPU side of the process group (gloo).
-    total = torch.stack(squares).sum().reshape(1).cpu() if squares else torch.zeros(1, dtype=torch.float64)
+    # parameter); the all-reduces run on the CPU side of the process group (gloo).
+    parts = torch.stack([sum_of_squares(expert=False), sum_of_squares(expert=True)]).cpu()
+    if torch.distributed.is_initialized() and parallel_state.get_expert_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(parts[1:], group=parallel_state.get_expert_model_parallel_group())
+    total = parts.sum().reshape(1)
     if torch.distributed.is_initialized():
         # The model-parallel group spans TP x PP of one replica; DP replicas hold equal gradients.
         torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())

@@ -100,6 +100,9 @@ def routing_planner(cfg: Config) -> Callable[[PackedRows], PackedRows]:
     sorts, nor hashes with numpy, nor waits for the host (the group offsets travel as Python ints)."""
     assignment = assignment_from_config(cfg.nulls)
     layers = range(cfg.model.num_layers) if cfg.nulls.per_layer_sinks else (0,)
+    if cfg.parallel.expert_parallel > 1:
+        # The tokens' dispatch is planned in the forward (a collective over the expert-parallel group).
+        return lambda batch: batch
 
     def plan(batch: PackedRows) -> PackedRows:
         return dataclasses.replace(batch, routing=train_routing_plan(batch.source_ids, assignment, layers))
@@ -110,8 +113,9 @@ def routing_planner(cfg: Config) -> Callable[[PackedRows], PackedRows]:
 def use_distributed_optimizer(cfg: Config) -> bool:
     """``optimizer.distributed`` resolved: auto is on with CUDA (the state of a 1B model is 16 bytes a
     parameter replicated on every rank otherwise) and off on CPU, where the replicated path is the one
-    every CPU test of the trainer runs; the distributed one has its own (tests/test_distributed_optimizer.py)."""
-    if cfg.train.engine is not EngineName.MEGATRON:
+    every CPU test of the trainer runs; the distributed one has its own (tests/test_distributed_optimizer.py).
+    Off with an expert-parallel sink pool (not supported together yet; the config refuses on)."""
+    if cfg.train.engine is not EngineName.MEGATRON or cfg.parallel.expert_parallel > 1:
         return False
     return {"on": True, "off": False}.get(cfg.optimizer.distributed, torch.cuda.is_available())
 

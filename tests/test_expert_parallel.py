@@ -1,0 +1,202 @@
+"""The sink pool sharded over expert-parallel ranks inside the model, trained by the Megatron engine,
+against the whole table on every rank; and its checkpoint files loaded at other expert-parallel sizes.
+
+One 4-process gloo launch (TP = PP = 1, so DP = 4; every rank trains its own micro-batch of one
+global batch):
+- EP=1 (every rank holds the whole table) and EP=2 (each rank half of it, two expert-data-parallel
+  replicas): the same initial weights, then losses, grad norms, every weight and the sink tables'
+  AdamW moments after 3 steps match, and the EP=2 shards are the EP=1 table's rows;
+- TP=2 (DP = 2) with EP=1 and with EP=2: losses, norms and sink tables match;
+- the EP=2 checkpoint files (each expert-parallel rank writes its pool shards, rank 0 the manifest)
+  load into whole tables (EP=1) and into EP=4 shards, and a checkpoint of whole tables loads into
+  EP=2 and EP=4 shards: weights, disabled flags and optimizer moments row for row.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.local import run_local
+from nulls_megatron.config import ConfigError
+from tests.nulls_gpt_helpers import packed_micro_batches, tiny_config
+
+STEPS = 3
+
+
+def _config(tensor_parallel: int, expert_parallel: int):
+    cfg = tiny_config(tensor_parallel=tensor_parallel)
+    cfg.nulls.pool_shards = 4  # EP = 4 divides it: 48 rows per shard, k = 12
+    cfg.parallel.expert_parallel = expert_parallel
+    cfg.optimizer.clip_grad, cfg.optimizer.lr, cfg.optimizer.warmup_steps = 0.5, 1e-2, 1
+    return cfg
+
+
+class _Rows:
+    """Per-row tensors of a sink table (its moments, its flags), gathered as the table is."""
+
+    def __init__(self, weight: torch.Tensor, dispatcher) -> None:
+        self.weight, self.dispatcher = weight, dispatcher
+
+
+def _full_table(table, group) -> torch.Tensor:
+    """The whole pool of a (possibly expert-parallel) sink table, on every rank of its group."""
+    import torch.distributed as dist
+
+    if table.dispatcher is None:
+        return table.weight.detach().clone()
+    parts = [torch.empty_like(table.weight) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, table.weight.detach().contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _train(cfg, batches: list) -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from nulls_megatron.model.gpt import build_nulls_gpt
+    from nulls_megatron.process_groups import init_model_parallel
+    from nulls_megatron.train.engines.megatron_ddp import MegatronDDPEngine
+    from nulls_megatron.train.lr_schedule import learning_rate
+
+    init_model_parallel(cfg.parallel, 1234)
+    model = build_nulls_gpt(cfg)
+    group = parallel_state.get_expert_model_parallel_group() if cfg.parallel.expert_parallel > 1 else None
+    tables = [m.sinks for m in model.nulls_mlps()]
+    initial = [_full_table(t, group) for t in tables]
+    engine = MegatronDDPEngine(model, cfg)
+    batch = batches[parallel_state.get_data_parallel_rank()]
+    losses, norms = [], []
+    for step in range(STEPS):
+        loss, norm = engine.train_step([batch], lr=learning_rate(step, STEPS, cfg.optimizer))
+        losses.append(loss)
+        norms.append(norm)
+    backbone = {n: p.detach().clone() for n, p in model.named_parameters() if "sinks" not in n}
+    full_moments = [_full_table(_Rows(engine.moments(t.weight)["exp_avg"], t.dispatcher), group) for t in tables]
+    result = {"losses": losses, "norms": norms, "initial": initial, "tables": [_full_table(t, group) for t in tables],
+              "moments": full_moments, "backbone": backbone, "rows": [(t.row_start, t.row_stop) for t in tables],
+              "expert_dp_rank": parallel_state.get_expert_data_parallel_rank()}
+    dist.barrier()
+    return result, model, engine
+
+
+def _checkpoint_checks(model, engine, out: Path) -> dict:
+    """Save the EP=2 model's sink files the way the trainer does and load them at EP=1 and EP=4;
+    save whole tables and load them at EP=2 and EP=4."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from nulls_megatron.checkpoint.sinks import (SourceState, load_sink_tables, table_key, write_sink_files,
+                                                 write_sink_manifest)
+    from nulls_megatron.sinks.assignment import assignment_from_config
+    from nulls_megatron.sinks.table import SinkTable
+
+    rank = dist.get_rank()
+    cfg = model.cfg
+    assignment = assignment_from_config(cfg.nulls)
+    tables = [m.sinks for m in model.nulls_mlps()]
+    for t in tables:  # some forgotten rows, so that the flags travel too
+        t.disabled[:3] = True  # rows 0-2 and 96-98 of the pool
+    state = {table_key(t): engine.moments(t.weight) for t in tables}
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    want = [_full_table(t, ep_group) for t in tables]
+    want_disabled = [_full_table(_Rows(t.disabled.to(torch.uint8), t.dispatcher), ep_group).bool() for t in tables]
+    want_moments = [_full_table(_Rows(state[table_key(t)]["exp_avg"], t.dispatcher), ep_group) for t in tables]
+
+    def save(tables, optimizer_state, folder: Path, writes: bool) -> None:
+        part = write_sink_files(folder, tables, optimizer_state) if writes else None
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, part)
+        if rank == 0:
+            write_sink_manifest(folder, [p for p in parts if p is not None], SourceState())
+        dist.barrier()
+
+    def loaded(group) -> tuple[list, list]:
+        fresh = [SinkTable(assignment, cfg.model.hidden_size, cfg.nulls.n_backbone, layer_number=t.layer_number,
+                           expert_group=group) for t in tables]
+        optim = load_sink_tables(folder, fresh)
+        return fresh, optim
+
+    def matches(fresh, optim) -> bool:
+        ok = True
+        for t, w, d, m in zip(fresh, want, want_disabled, want_moments):
+            rows = slice(t.row_start, t.row_stop)
+            ok &= torch.equal(t.weight.detach(), w[rows]) and torch.equal(t.disabled, d[rows])
+            ok &= torch.equal(optim[table_key(t)]["exp_avg"], m[rows])
+        return bool(ok)
+
+    ep4 = dist.new_group(list(range(4)))
+    ep2 = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    out_checks = {}
+    folder = out / "saved_at_ep2"
+    save(tables, state, folder, writes=parallel_state.get_expert_data_parallel_rank() == 0)
+    out_checks["ep2 -> ep1"] = matches(*loaded(None))
+    out_checks["ep2 -> ep4"] = matches(*loaded(ep4))
+    out_checks["ep4 shards"] = [(t.row_start, t.row_stop) for t in loaded(ep4)[0]][0] == (48 * rank, 48 * (rank + 1))
+    whole, whole_optim = loaded(None)
+    folder = out / "saved_at_ep1"
+    save(whole, whole_optim, folder, writes=rank == 0)
+    out_checks["ep1 -> ep2"] = matches(*loaded(ep2))
+    out_checks["ep1 -> ep4"] = matches(*loaded(ep4))
+    return out_checks
+
+
+def expert_parallel_worker(rank: int, world_size: int, out: str) -> dict:
+    batches = packed_micro_batches(0) + packed_micro_batches(1)
+    ep1, _, _ = _train(_config(1, 1), batches)
+    ep2, model, engine = _train(_config(1, 2), batches)
+    checks = _checkpoint_checks(model, engine, Path(out))
+    tp2_ep1, _, _ = _train(_config(2, 1), batches)
+    tp2_ep2, _, _ = _train(_config(2, 2), batches)
+    return {"ep1": ep1, "ep2": ep2, "tp2_ep1": tp2_ep1, "tp2_ep2": tp2_ep2, "checkpoint": checks}
+
+
+def test_expert_parallel_pool_trains_as_the_whole_table_and_its_checkpoint_loads_at_any_size(tmp_path):
+    results = run_local(expert_parallel_worker, 4, str(tmp_path), timeout=600)
+    r0 = results[0]
+    assert [r["ep2"]["rows"][0] for r in results] == [(0, 96), (96, 192), (0, 96), (96, 192)]
+    assert [r["ep2"]["expert_dp_rank"] for r in results] == [0, 0, 1, 1]
+    for r in results:
+        ep1, ep2 = r["ep1"], r["ep2"]
+        for a, b in zip(ep1["initial"], ep2["initial"]):
+            assert torch.equal(a, b), "EP=2 shards start as the rows of the EP=1 table"
+        for step in range(STEPS):
+            assert abs(ep1["losses"][step] - ep2["losses"][step]) < 1e-5, (ep1["losses"], ep2["losses"])
+            assert math.isclose(ep1["norms"][step], ep2["norms"][step], rel_tol=1e-5), (ep1["norms"], ep2["norms"])
+        assert ep1["losses"][-1] < ep1["losses"][0]
+        for a, b in zip(ep1["tables"], ep2["tables"]):
+            assert torch.allclose(a, b, atol=2e-6, rtol=0), "sink tables after 3 steps"
+        for a, b in zip(ep1["moments"], ep2["moments"]):
+            assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-9, rtol=1e-4), "AdamW first moments of the pool"
+        for name, value in ep1["backbone"].items():
+            assert torch.allclose(value, ep2["backbone"][name], atol=2e-6, rtol=0), name
+        tp1, tp2 = r["tp2_ep1"], r["tp2_ep2"]
+        for step in range(STEPS):
+            assert abs(tp1["losses"][step] - tp2["losses"][step]) < 1e-5, (tp1["losses"], tp2["losses"])
+            assert math.isclose(tp1["norms"][step], tp2["norms"][step], rel_tol=1e-5)
+        for a, b in zip(tp1["tables"], tp2["tables"]):
+            assert torch.allclose(a, b, atol=2e-6, rtol=0), "TP=2: sink tables after 3 steps"
+        assert r["checkpoint"] == {"ep2 -> ep1": True, "ep2 -> ep4": True, "ep4 shards": True,
+                                   "ep1 -> ep2": True, "ep1 -> ep4": True}, r["checkpoint"]
+    trained = [(a - b).abs().sum() for a, b in zip(r0["ep1"]["tables"], r0["ep1"]["initial"])]
+    assert all(t > 0 for t in trained), "the sinks were trained"
+
+
+def test_expert_parallel_config_is_checked():
+    from nulls_megatron.config import config_from_dict
+
+    def with_changes(**sections) -> dict:
+        data = _config(1, 1).to_dict()
+        for section, values in sections.items():
+            data[section].update(values)
+        return data
+
+    config_from_dict(with_changes(parallel={"expert_parallel": 4}))
+    with pytest.raises(ConfigError, match="parallel.expert_parallel.*3 does not divide nulls.pool_shards"):
+        config_from_dict(with_changes(parallel={"expert_parallel": 3}))
+    with pytest.raises(ConfigError, match="the deepspeed engine does not shard the pool yet"):
+        config_from_dict(with_changes(parallel={"expert_parallel": 2}, train={"engine": "deepspeed"}))
+    with pytest.raises(ConfigError, match="optimizer.distributed.*not supported yet"):
+        config_from_dict(with_changes(parallel={"expert_parallel": 2}, optimizer={"distributed": "on"}))
