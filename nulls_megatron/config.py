@@ -95,7 +95,7 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     # The sink pool sharded by rows over this many data-parallel replicas (docs/dispatch.md): each holds
     # 1/EP of every layer's table and receives the tokens of the sources it owns. Must divide
-    # nulls.pool_shards and the data-parallel size.
+    # nulls.pool_shards and the data-parallel size. Engine megatron (either optimizer).
     expert_parallel: int = 1
     timeout_minutes: int = 60  # every collective; NCCL's 10-minute default is shorter than a 1B checkpoint's save
 
@@ -227,9 +227,6 @@ def _validate(cfg: Config, origin: str) -> None:
         config_error(origin, "parallel.expert_parallel", "the expert-parallel sink pool trains with engine: megatron "
                      "(its DDP reduces the sink gradients over the expert-data-parallel group); the deepspeed engine "
                      "does not shard the pool yet")
-    if p.expert_parallel > 1 and o.distributed == "on":
-        config_error(origin, "optimizer.distributed", "on with parallel.expert_parallel > 1 is not supported yet: "
-                     "use off (or auto, which is off with an expert-parallel pool)")
     if t.global_batch_rows % t.micro_batch_rows:
         config_error(origin, "train.global_batch_rows",
               f"{t.global_batch_rows} is not a multiple of train.micro_batch_rows ({t.micro_batch_rows})")

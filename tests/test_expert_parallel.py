@@ -52,7 +52,7 @@ def _full_table(table, group) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _train(cfg, batches: list) -> dict:
+def _train(cfg, batches: list, distributed_optimizer: bool = False) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -66,13 +66,19 @@ def _train(cfg, batches: list) -> dict:
     group = parallel_state.get_expert_model_parallel_group() if cfg.parallel.expert_parallel > 1 else None
     tables = [m.sinks for m in model.nulls_mlps()]
     initial = [_full_table(t, group) for t in tables]
-    engine = MegatronDDPEngine(model, cfg)
+    if distributed_optimizer:
+        from nulls_megatron.train.engines.megatron_distributed_optimizer import MegatronDistributedOptimizerEngine
+
+        engine = MegatronDistributedOptimizerEngine(model, cfg)
+    else:
+        engine = MegatronDDPEngine(model, cfg)
     batch = batches[parallel_state.get_data_parallel_rank()]
     losses, norms = [], []
     for step in range(STEPS):
         loss, norm = engine.train_step([batch], lr=learning_rate(step, STEPS, cfg.optimizer))
         losses.append(loss)
         norms.append(norm)
+    engine.sync_params()
     backbone = {n: p.detach().clone() for n, p in model.named_parameters() if "sinks" not in n}
     full_moments = [_full_table(_Rows(engine.moments(t.weight)["exp_avg"], t.dispatcher), group) for t in tables]
     result = {"losses": losses, "norms": norms, "initial": initial, "tables": [_full_table(t, group) for t in tables],
@@ -148,30 +154,37 @@ def expert_parallel_worker(rank: int, world_size: int, out: str) -> dict:
     ep1, _, _ = _train(_config(1, 1), batches)
     ep2, model, engine = _train(_config(1, 2), batches)
     checks = _checkpoint_checks(model, engine, Path(out))
+    ep2_distributed, _, _ = _train(_config(1, 2), batches, distributed_optimizer=True)
     tp2_ep1, _, _ = _train(_config(2, 1), batches)
     tp2_ep2, _, _ = _train(_config(2, 2), batches)
-    return {"ep1": ep1, "ep2": ep2, "tp2_ep1": tp2_ep1, "tp2_ep2": tp2_ep2, "checkpoint": checks}
+    return {"ep1": ep1, "ep2": ep2, "ep2_distributed": ep2_distributed, "tp2_ep1": tp2_ep1, "tp2_ep2": tp2_ep2,
+            "checkpoint": checks}
+
+
+def _assert_trains_as(ep1: dict, other: dict, what: str) -> None:
+    """``other`` (an expert-parallel run) trained exactly as ``ep1`` (the whole table on every rank)."""
+    for a, b in zip(ep1["initial"], other["initial"]):
+        assert torch.equal(a, b), f"{what}: the shards start as the rows of the EP=1 table"
+    for step in range(STEPS):
+        assert abs(ep1["losses"][step] - other["losses"][step]) < 1e-5, (what, ep1["losses"], other["losses"])
+        assert math.isclose(ep1["norms"][step], other["norms"][step], rel_tol=1e-5), (what, ep1["norms"], other["norms"])
+    for a, b in zip(ep1["tables"], other["tables"]):
+        assert torch.allclose(a, b, atol=2e-6, rtol=0), f"{what}: sink tables after {STEPS} steps"
+    for a, b in zip(ep1["moments"], other["moments"]):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-9, rtol=1e-4), f"{what}: AdamW first moments of the pool"
+    for name, value in ep1["backbone"].items():
+        assert torch.allclose(value, other["backbone"][name], atol=2e-6, rtol=0), (what, name)
 
 
 def test_expert_parallel_pool_trains_as_the_whole_table_and_its_checkpoint_loads_at_any_size(tmp_path):
     results = run_local(expert_parallel_worker, 4, str(tmp_path), timeout=600)
-    r0 = results[0]
     assert [r["ep2"]["rows"][0] for r in results] == [(0, 96), (96, 192), (0, 96), (96, 192)]
     assert [r["ep2"]["expert_dp_rank"] for r in results] == [0, 0, 1, 1]
     for r in results:
-        ep1, ep2 = r["ep1"], r["ep2"]
-        for a, b in zip(ep1["initial"], ep2["initial"]):
-            assert torch.equal(a, b), "EP=2 shards start as the rows of the EP=1 table"
-        for step in range(STEPS):
-            assert abs(ep1["losses"][step] - ep2["losses"][step]) < 1e-5, (ep1["losses"], ep2["losses"])
-            assert math.isclose(ep1["norms"][step], ep2["norms"][step], rel_tol=1e-5), (ep1["norms"], ep2["norms"])
-        assert ep1["losses"][-1] < ep1["losses"][0]
-        for a, b in zip(ep1["tables"], ep2["tables"]):
-            assert torch.allclose(a, b, atol=2e-6, rtol=0), "sink tables after 3 steps"
-        for a, b in zip(ep1["moments"], ep2["moments"]):
-            assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-9, rtol=1e-4), "AdamW first moments of the pool"
-        for name, value in ep1["backbone"].items():
-            assert torch.allclose(value, ep2["backbone"][name], atol=2e-6, rtol=0), name
+        assert r["ep1"]["losses"][-1] < r["ep1"]["losses"][0]
+        assert all((a - b).abs().sum() > 0 for a, b in zip(r["ep1"]["tables"], r["ep1"]["initial"])), "sinks trained"
+        _assert_trains_as(r["ep1"], r["ep2"], "EP=2")
+        _assert_trains_as(r["ep1"], r["ep2_distributed"], "EP=2, Megatron's distributed optimizer")
         tp1, tp2 = r["tp2_ep1"], r["tp2_ep2"]
         for step in range(STEPS):
             assert abs(tp1["losses"][step] - tp2["losses"][step]) < 1e-5, (tp1["losses"], tp2["losses"])
@@ -180,8 +193,6 @@ def test_expert_parallel_pool_trains_as_the_whole_table_and_its_checkpoint_loads
             assert torch.allclose(a, b, atol=2e-6, rtol=0), "TP=2: sink tables after 3 steps"
         assert r["checkpoint"] == {"ep2 -> ep1": True, "ep2 -> ep4": True, "ep4 shards": True,
                                    "ep1 -> ep2": True, "ep1 -> ep4": True}, r["checkpoint"]
-    trained = [(a - b).abs().sum() for a, b in zip(r0["ep1"]["tables"], r0["ep1"]["initial"])]
-    assert all(t > 0 for t in trained), "the sinks were trained"
 
 
 def test_expert_parallel_config_is_checked():
@@ -198,5 +209,4 @@ def test_expert_parallel_config_is_checked():
         config_from_dict(with_changes(parallel={"expert_parallel": 3}))
     with pytest.raises(ConfigError, match="the deepspeed engine does not shard the pool yet"):
         config_from_dict(with_changes(parallel={"expert_parallel": 2}, train={"engine": "deepspeed"}))
-    with pytest.raises(ConfigError, match="optimizer.distributed.*not supported yet"):
-        config_from_dict(with_changes(parallel={"expert_parallel": 2}, optimizer={"distributed": "on"}))
+    config_from_dict(with_changes(parallel={"expert_parallel": 2}, optimizer={"distributed": "on"}))

@@ -113,9 +113,9 @@ def routing_planner(cfg: Config) -> Callable[[PackedRows], PackedRows]:
 def use_distributed_optimizer(cfg: Config) -> bool:
     """``optimizer.distributed`` resolved: auto is on with CUDA (the state of a 1B model is 16 bytes a
     parameter replicated on every rank otherwise) and off on CPU, where the replicated path is the one
-    every CPU test of the trainer runs; the distributed one has its own (tests/test_distributed_optimizer.py).
-    Off with an expert-parallel sink pool (not supported together yet; the config refuses on)."""
-    if cfg.train.engine is not EngineName.MEGATRON or cfg.parallel.expert_parallel > 1:
+    every CPU test of the trainer runs; the distributed one has its own (tests/test_distributed_optimizer.py,
+    and with an expert-parallel pool tests/test_expert_parallel.py)."""
+    if cfg.train.engine is not EngineName.MEGATRON:
         return False
     return {"on": True, "off": False}.get(cfg.optimizer.distributed, torch.cuda.is_available())
 

@@ -28,6 +28,7 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
@@ -48,13 +49,18 @@ class MegatronDistributedOptimizerEngine(MegatronDDPEngine):
         # hurts measurably. overlap=False is the synchronous reference the tests compare with.
         self.overlap = overlap
         super().__init__(model, cfg, bf16=bf16)
-        (self._opt,) = self._distributed_optimizers()
+        # One distributed optimizer, or two with an expert-parallel sink pool: Megatron gives the expert
+        # parameters their own, sharded over the expert-data-parallel group.
+        self._opts = self._distributed_optimizers()
         self._shard_of = {}  # id(model param) -> the fp32 shard AdamW steps (a view of it, or its master copy)
-        for models, shards in ((self._opt.model_fp32_groups, self._opt.shard_fp32_groups),
-                               (self._opt.model_float16_groups, self._opt.shard_fp32_from_float16_groups)):
-            for model_group, shard_group in zip(models, shards):
-                for model_param, shard in zip(model_group, shard_group):
-                    self._shard_of[id(model_param)] = shard
+        self._opt_of = {}  # id(model param) -> the distributed optimizer holding a shard of it on this rank
+        for opt in self._opts:
+            for models, shards in ((opt.model_fp32_groups, opt.shard_fp32_groups),
+                                   (opt.model_float16_groups, opt.shard_fp32_from_float16_groups)):
+                for model_group, shard_group in zip(models, shards):
+                    for model_param, shard in zip(model_group, shard_group):
+                        self._shard_of[id(model_param)] = shard
+                        self._opt_of[id(model_param)] = opt
 
     def _ddp_config(self) -> DistributedDataParallelConfig:
         return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
@@ -73,8 +79,9 @@ class MegatronDistributedOptimizerEngine(MegatronDDPEngine):
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
         chained = list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
-        if not all(isinstance(o, DistributedOptimizer) for o in chained) or len(chained) != 1:
-            raise RuntimeError(f"expected one Megatron DistributedOptimizer, got {[type(o).__name__ for o in chained]}")
+        if not all(isinstance(o, DistributedOptimizer) for o in chained) or not 1 <= len(chained) <= 2:
+            raise RuntimeError(f"expected Megatron DistributedOptimizers (dense, and expert-parallel sinks), "
+                               f"got {[type(o).__name__ for o in chained]}")
         return chained
 
     # -- training -------------------------------------------------------------------------------
@@ -90,17 +97,19 @@ class MegatronDistributedOptimizerEngine(MegatronDDPEngine):
             bad = first_non_finite([(n, p.main_grad) for n, p in self.module.named_parameters() if p.requires_grad])
             raise NonFiniteError(f"non-finite gradient on rank {dist.get_rank()} before the data-parallel reduce "
                                  f"(Megatron: {err}); first non-finite gradient: {bad} (the step was not taken)") from err
-        opt = self._opt
+        opt = self.optimizer  # the distributed optimizer, or the chain of the dense and the expert one
         with distributed_optimizer_compat():
             opt.prepare_grads()
+            # Over the shards, the model-parallel ranks and (expert optimizer) the expert-parallel ranks.
             norm = float(opt.get_grad_norm())
             if not math.isfinite(norm):
                 # Before clipping and the update: the weights stay as they were, and nothing is saved.
                 raise NonFiniteError(f"gradient norm {norm} on rank {dist.get_rank()}; first non-finite gradient: "
                                      f"{self._first_non_finite_shard() or 'on another rank'} (the step was not taken)")
             if self.cfg.optimizer.clip_grad > 0:
-                clip_grad_by_total_norm_fp32(opt.get_parameters(), self.cfg.optimizer.clip_grad, norm,
-                                             opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+                for part in self._opts:
+                    clip_grad_by_total_norm_fp32(part.get_parameters(), self.cfg.optimizer.clip_grad, norm,
+                                                 part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
             self._set_lr_and_decay(lr)
             ok = opt.step_with_ready_grads()
         if not ok:
@@ -122,23 +131,33 @@ class MegatronDistributedOptimizerEngine(MegatronDDPEngine):
         """This rank's [start, end) of ``param`` flattened, or None when it owns none of it."""
         if id(param) not in self._shard_of:
             return None
-        r = self._opt._get_model_param_range_map(param)["param"]
+        r = self._opt_of[id(param)]._get_model_param_range_map(param)["param"]
         return (r.start, r.end) if r.size else None
 
+    def _sharding_group(self, param: torch.nn.Parameter) -> dist.ProcessGroup:
+        """The group ``param``'s optimizer shards it over (a rank owning none of it still takes part):
+        data-parallel, or expert-data-parallel for an expert-parallel sink table (``allreduce = False``)."""
+        if len(self._opts) == 1:
+            return self._opts[0].data_parallel_group
+        expert_group = parallel_state.get_expert_data_parallel_group()
+        (opt,) = [o for o in self._opts if (o.data_parallel_group is expert_group) == (getattr(param, "allreduce", True) is False)]
+        return opt.data_parallel_group
+
     def moments(self, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
-        """Collective over the data-parallel group: each rank fills the elements it owns."""
+        """Collective over the group ``param``'s optimizer shards over (data-parallel, or expert-data-parallel
+        for an expert-parallel sink table): each rank fills the elements it owns."""
         names = list(OPTIMIZER_MOMENTS) + ([MAIN_PARAM] if self.bf16 else [])
         full = torch.zeros(len(names), param.numel(), dtype=torch.float32, device=param.device)
         owned = self._owned_range(param)
         if owned is not None:
             shard = self._shard_of[id(param)]
-            state = self._opt.optimizer.state.get(shard, {})
+            state = self._opt_of[id(param)].optimizer.state.get(shard, {})
             for i, name in enumerate(OPTIMIZER_MOMENTS):
                 if name in state:
                     full[i, owned[0]:owned[1]] = state[name].detach().float().view(-1)
             if self.bf16:
                 full[len(OPTIMIZER_MOMENTS), owned[0]:owned[1]] = shard.detach().float().view(-1)
-        dist.all_reduce(full, group=self._opt.data_parallel_group)
+        dist.all_reduce(full, group=self._sharding_group(param))
         return {name: full[i].view(param.shape).clone() for i, name in enumerate(names)}
 
     def load_moments(self, moments: Iterable[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]], steps: int) -> None:
@@ -152,7 +171,7 @@ class MegatronDistributedOptimizerEngine(MegatronDDPEngine):
                 if self.bf16:  # the master copy was taken from the weights when the optimizer was built
                     source = values[MAIN_PARAM] if MAIN_PARAM in values else param.float()
                     shard.copy_(source.reshape(-1)[a:b].to(torch.float32))
-            state = self._opt.optimizer.state[shard]
+            state = self._opt_of[id(param)].optimizer.state[shard]
             state.clear()
             state["step"] = torch.tensor(float(steps))
             for name in OPTIMIZER_MOMENTS:
