@@ -1,15 +1,21 @@
 """A checkpoint trained with an expert-parallel sink pool (`nulls train`, EP=2 on 2 gloo processes:
 each rank holds half of every layer's table and writes its own pool shards) is an ordinary checkpoint
-to everything after training: `nulls unlearn` erases a source from it, it loads into one process
+to everything after training: the run resumes at EP=1, `nulls unlearn` erases a source from it, it loads into one process
 (EP=1) and `nulls export` gives transformers models with our logits in every mode, and `nulls eval`
 scores it."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+
+import yaml
 
 from nulls_megatron.checkpoint.sinks import read_sink_manifest, shard_file_name, source_state
 from nulls_megatron.cli import main
-from tests.conftest import FORGET_GROUP
+from nulls_megatron.train.checkpointing import read_train_state
+from tests.conftest import FORGET_GROUP, ROOT
 from tests.test_export import _assert_equal_in_every_mode, _load, _train
 from tests.train_helpers import read_articles
 
@@ -22,6 +28,18 @@ def test_expert_parallel_checkpoint_is_unlearned_exported_and_evaluated(trained_
     assert "expert_parallel: 2" in config
     manifest = read_sink_manifest(checkpoint)
     assert sorted(manifest["files"]) == sorted(shard_file_name(layer, shard) for layer in (0, 1) for shard in range(4))
+
+    # The run resumes at another expert-parallel size (same data-parallel size: the data order is kept).
+    config_path = tmp_path / "ep2.yaml"
+    cfg = yaml.safe_load(config_path.read_text())
+    cfg["parallel"]["expert_parallel"], cfg["train"]["steps"], cfg["train"]["save_every"] = 1, 4, 4
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "nulls_megatron.cli", "train", "--config", str(config_path), "--nproc", "2"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    resumed = root / (root / "latest").read_text().strip()
+    assert resumed != checkpoint and read_train_state(resumed)["step"] == 4
+    assert "expert_parallel: 1" in (resumed / "config.yaml").read_text()
 
     assert main(["unlearn", str(run_dir), "--source-index", "11"]) == 0
     unlearned = root / (root / "latest").read_text().strip()
