@@ -1,8 +1,8 @@
 """A checkpoint trained with an expert-parallel sink pool (`nulls train`, EP=2 on 2 gloo processes:
 each rank holds half of every layer's table and writes its own pool shards) is an ordinary checkpoint
-to everything after training: the run resumes at EP=1, `nulls unlearn` erases a source from it, it loads into one process
+to everything after training: `nulls unlearn` erases a source from it, it loads into one process
 (EP=1) and `nulls export` gives transformers models with our logits in every mode, and `nulls eval`
-scores it."""
+scores it; and the run resumes at EP=1."""
 from __future__ import annotations
 
 import json
@@ -29,18 +29,6 @@ def test_expert_parallel_checkpoint_is_unlearned_exported_and_evaluated(trained_
     manifest = read_sink_manifest(checkpoint)
     assert sorted(manifest["files"]) == sorted(shard_file_name(layer, shard) for layer in (0, 1) for shard in range(4))
 
-    # The run resumes at another expert-parallel size (same data-parallel size: the data order is kept).
-    config_path = tmp_path / "ep2.yaml"
-    cfg = yaml.safe_load(config_path.read_text())
-    cfg["parallel"]["expert_parallel"], cfg["train"]["steps"], cfg["train"]["save_every"] = 1, 4, 4
-    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    done = subprocess.run([sys.executable, "-m", "nulls_megatron.cli", "train", "--config", str(config_path), "--nproc", "2"],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    resumed = root / (root / "latest").read_text().strip()
-    assert resumed != checkpoint and read_train_state(resumed)["step"] == 4
-    assert "expert_parallel: 1" in (resumed / "config.yaml").read_text()
-
     assert main(["unlearn", str(run_dir), "--source-index", "11"]) == 0
     unlearned = root / (root / "latest").read_text().strip()
     assert 11 in source_state(read_sink_manifest(unlearned)).disabled_sources
@@ -56,3 +44,17 @@ def test_expert_parallel_checkpoint_is_unlearned_exported_and_evaluated(trained_
                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["losses"]["after"]["own"]["forget"] > result["losses"]["before"]["own"]["forget"]
+
+    # The run resumes at another expert-parallel size (same data-parallel size: the data order is kept),
+    # from the unlearned version: training after unlearning (docs/training.md).
+    config_path = tmp_path / "ep2.yaml"
+    cfg = yaml.safe_load(config_path.read_text())
+    cfg["parallel"]["expert_parallel"], cfg["train"]["steps"], cfg["train"]["save_every"] = 1, 4, 4
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "nulls_megatron.cli", "train", "--config", str(config_path), "--nproc", "2"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    resumed = root / (root / "latest").read_text().strip()
+    assert resumed != unlearned and read_train_state(resumed)["step"] == 4
+    assert "expert_parallel: 1" in (resumed / "config.yaml").read_text()
+
