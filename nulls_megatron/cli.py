@@ -34,6 +34,10 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(f"# params {name:>16}: {value:,}")
     lost = ", ".join(f"{k}: {pool_lost_after(cfg, k):.1%}" for k in (1, 10, 100, 1000))
     print(f"# pool shard lost after forgetting N sources of one shard -> {lost}")
+    ep = cfg.parallel.expert_parallel
+    if ep > 1:
+        print(f"# expert-parallel pool: {n.n_pool // ep:,} sink rows per layer on each of {ep} ranks "
+              f"({n.pool_shards // ep} pool shards each); {counts['sinks'] // ep:,} sink parameters per rank")
     return 0
 
 

@@ -19,6 +19,11 @@ def test_config_shows_resolved_values_and_derived_sizes():
     assert "p_gen = n_backbone / I = 0.0610" in out.stdout
     assert "live MLP width per token: 600 of 8192 (7.3%)" in out.stdout
     assert "100: 73.0%" in out.stdout  # METHOD.md weakness 5: 100 forgotten articles take 73% of the pool
+    assert "expert-parallel pool" not in out.stdout
+    out = nulls("config", "--config", "configs/wiki_1b_paper.yaml", "--set", "nulls.n_pool=94976",
+                "--set", "model.ffn_hidden_size=95476", "--set", "nulls.pool_shards=64", "--set", "parallel.expert_parallel=8")
+    assert out.returncode == 0, out.stderr
+    assert "expert-parallel pool: 11,872 sink rows per layer on each of 8 ranks (8 pool shards each)" in out.stdout
 
 
 def test_sinks_lists_k_distinct_rows_in_the_source_shard():
