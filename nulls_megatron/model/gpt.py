@@ -157,13 +157,7 @@ class NullsGPTModel(GPTModel):
         """The dispatch plan of this forward, shared by every layer: collective over the expert-parallel
         group (every rank of it runs a forward at the same time, as its data-parallel replicas do)."""
         if mode is SinkMode.ROUTE:
-            if route_sources is None:
-                raise ValueError("sink_mode='route' needs route_sources (one source id or [b, s] ids)")
-            if isinstance(route_sources, int):
-                route_sources = torch.full_like(source_ids, route_sources)
-            if route_sources.shape != source_ids.shape:
-                raise ValueError(f"route_sources {tuple(route_sources.shape)} must match source_ids {tuple(source_ids.shape)}")
-            source_ids = route_sources
+            source_ids = _route_ids(source_ids, route_sources)
         # Inside the decoder hidden states are [s, b, h]: tokens flatten sequence-major.
         return SinkRouting(mode, dispatch=self._dispatcher.plan(source_ids.t().reshape(-1)))
 
@@ -173,16 +167,21 @@ class NullsGPTModel(GPTModel):
         if mode is SinkMode.TRAIN:
             return SinkRouting(SinkMode.TRAIN, train_routing_plan(source_ids))
         if mode is SinkMode.ROUTE:
-            if route_sources is None:
-                raise ValueError("sink_mode='route' needs route_sources (one source id or [b, s] ids)")
-            if isinstance(route_sources, int):
-                return SinkRouting.route(route_sources, like=source_ids.reshape(-1))
-            if route_sources.shape != source_ids.shape:
-                raise ValueError(f"route_sources {tuple(route_sources.shape)} must match source_ids {tuple(source_ids.shape)}")
-            return SinkRouting.route(route_sources.t().reshape(-1))
+            return SinkRouting.route(_route_ids(source_ids, route_sources).t().reshape(-1))
         if mode is SinkMode.EXPECTED:
             return SinkRouting.expected()
         return SinkRouting.backbone_only()
+
+
+def _route_ids(source_ids: torch.Tensor, route_sources: torch.Tensor | int | None) -> torch.Tensor:
+    """The [b, s] source ids a ``route`` forward uses: one id for every token, or one per token."""
+    if route_sources is None:
+        raise ValueError("sink_mode='route' needs route_sources (one source id or [b, s] ids)")
+    if isinstance(route_sources, int):
+        return torch.full_like(source_ids, route_sources)
+    if route_sources.shape != source_ids.shape:
+        raise ValueError(f"route_sources {tuple(route_sources.shape)} must match source_ids {tuple(source_ids.shape)}")
+    return route_sources
 
 
 def train_routing_plan(source_ids: torch.Tensor, assignment: Assignment | None = None,

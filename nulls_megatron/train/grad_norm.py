@@ -7,7 +7,8 @@ stage (a copy of the first stage's embedding, marked ``shared``) is skipped. The
 squared sums are all-reduced over the model-parallel group, so every rank gets
 the same norm. Expert-parallel parameters (sink-table shards, marked as Megatron
 marks experts: ``allreduce = False``) hold different rows on each rank of the
-expert-parallel group: their squares are summed over that group first. Plain torch ops only, so it runs on CPU (Megatron's version asserts
+expert-parallel group: their squares are summed over that group first. Plain
+torch ops only, so it runs on CPU (Megatron's version asserts
 CUDA tensors).
 """
 from __future__ import annotations

@@ -52,15 +52,18 @@ class MegatronDistributedOptimizerEngine(MegatronDDPEngine):
         # One distributed optimizer, or two with an expert-parallel sink pool: Megatron gives the expert
         # parameters their own, sharded over the expert-data-parallel group.
         self._opts = self._distributed_optimizers()
+        self._dense_opt, self._expert_opt = self._opts[0], None
+        if len(self._opts) == 2:
+            expert_group = parallel_state.get_expert_data_parallel_group()
+            (self._expert_opt,) = [o for o in self._opts if o.data_parallel_group is expert_group]
+            (self._dense_opt,) = [o for o in self._opts if o is not self._expert_opt]
         self._shard_of = {}  # id(model param) -> the fp32 shard AdamW steps (a view of it, or its master copy)
-        self._opt_of = {}  # id(model param) -> the distributed optimizer holding a shard of it on this rank
         for opt in self._opts:
             for models, shards in ((opt.model_fp32_groups, opt.shard_fp32_groups),
                                    (opt.model_float16_groups, opt.shard_fp32_from_float16_groups)):
                 for model_group, shard_group in zip(models, shards):
                     for model_param, shard in zip(model_group, shard_group):
                         self._shard_of[id(model_param)] = shard
-                        self._opt_of[id(model_param)] = opt
 
     def _ddp_config(self) -> DistributedDataParallelConfig:
         return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
@@ -131,17 +134,15 @@ class MegatronDistributedOptimizerEngine(MegatronDDPEngine):
         """This rank's [start, end) of ``param`` flattened, or None when it owns none of it."""
         if id(param) not in self._shard_of:
             return None
-        r = self._opt_of[id(param)]._get_model_param_range_map(param)["param"]
+        r = self._opt_for(param)._get_model_param_range_map(param)["param"]
         return (r.start, r.end) if r.size else None
 
-    def _sharding_group(self, param: torch.nn.Parameter) -> dist.ProcessGroup:
-        """The group ``param``'s optimizer shards it over (a rank owning none of it still takes part):
-        data-parallel, or expert-data-parallel for an expert-parallel sink table (``allreduce = False``)."""
-        if len(self._opts) == 1:
-            return self._opts[0].data_parallel_group
-        expert_group = parallel_state.get_expert_data_parallel_group()
-        (opt,) = [o for o in self._opts if (o.data_parallel_group is expert_group) == (getattr(param, "allreduce", True) is False)]
-        return opt.data_parallel_group
+    def _opt_for(self, param: torch.nn.Parameter):
+        """The distributed optimizer that shards ``param``: the expert one for an expert-parallel sink table
+        (``allreduce = False``, sharded over the expert-data-parallel group), the dense one otherwise."""
+        if self._expert_opt is not None and getattr(param, "allreduce", True) is False:
+            return self._expert_opt
+        return self._dense_opt
 
     def moments(self, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         """Collective over the group ``param``'s optimizer shards over (data-parallel, or expert-data-parallel
@@ -151,13 +152,13 @@ class MegatronDistributedOptimizerEngine(MegatronDDPEngine):
         owned = self._owned_range(param)
         if owned is not None:
             shard = self._shard_of[id(param)]
-            state = self._opt_of[id(param)].optimizer.state.get(shard, {})
+            state = self._opt_for(param).optimizer.state.get(shard, {})
             for i, name in enumerate(OPTIMIZER_MOMENTS):
                 if name in state:
                     full[i, owned[0]:owned[1]] = state[name].detach().float().view(-1)
             if self.bf16:
                 full[len(OPTIMIZER_MOMENTS), owned[0]:owned[1]] = shard.detach().float().view(-1)
-        dist.all_reduce(full, group=self._sharding_group(param))
+        dist.all_reduce(full, group=self._opt_for(param).data_parallel_group)
         return {name: full[i].view(param.shape).clone() for i, name in enumerate(names)}
 
     def load_moments(self, moments: Iterable[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]], steps: int) -> None:
@@ -171,7 +172,7 @@ class MegatronDistributedOptimizerEngine(MegatronDDPEngine):
                 if self.bf16:  # the master copy was taken from the weights when the optimizer was built
                     source = values[MAIN_PARAM] if MAIN_PARAM in values else param.float()
                     shard.copy_(source.reshape(-1)[a:b].to(torch.float32))
-            state = self._opt_of[id(param)].optimizer.state[shard]
+            state = self._opt_for(param).optimizer.state[shard]
             state.clear()
             state["step"] = torch.tensor(float(steps))
             for name in OPTIMIZER_MOMENTS:
