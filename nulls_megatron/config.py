@@ -223,10 +223,6 @@ def _validate(cfg: Config, origin: str) -> None:
     if n.pool_shards % p.expert_parallel:
         config_error(origin, "parallel.expert_parallel", f"{p.expert_parallel} does not divide nulls.pool_shards "
                      f"({n.pool_shards}): a source's sinks lie in one pool shard, and a shard on one rank")
-    if p.expert_parallel > 1 and t.engine is EngineName.DEEPSPEED:
-        config_error(origin, "parallel.expert_parallel", "the expert-parallel sink pool trains with engine: megatron "
-                     "(its DDP reduces the sink gradients over the expert-data-parallel group); the deepspeed engine "
-                     "does not shard the pool yet")
     if t.global_batch_rows % t.micro_batch_rows:
         config_error(origin, "train.global_batch_rows",
               f"{t.global_batch_rows} is not a multiple of train.micro_batch_rows ({t.micro_batch_rows})")

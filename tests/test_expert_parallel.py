@@ -1,5 +1,6 @@
-"""The sink pool sharded over expert-parallel ranks inside the model, trained by the Megatron engine,
-against the whole table on every rank; and its checkpoint files loaded at other expert-parallel sizes.
+"""The sink pool sharded over expert-parallel ranks inside the model, trained by every engine (Megatron
+DDP, Megatron's distributed optimizer, DeepSpeed ZeRO-1/2), against the whole table on every rank; and
+its checkpoint files loaded at other expert-parallel sizes.
 
 One 4-process gloo launch (TP = PP = 1, so DP = 4; every rank trains its own micro-batch of one
 global batch):
@@ -9,6 +10,9 @@ global batch):
 - the same with Megatron's distributed optimizer, and with full activation recompute (the dispatch
   runs again in the backward), at EP=2;
 - TP=2 (DP = 2) and PP=2 (DP = 2), each with EP=1 and with EP=2: losses, norms and sink tables match;
+- DeepSpeed ZeRO-1 and ZeRO-2 at EP=2 against their own EP=1, and TP=2 x EP=2 under ZeRO-1 against
+  TP=2: the same checks as the first (the pool's optimizer state partitioned over the
+  expert-data-parallel group);
 - the EP=2 checkpoint files (each expert-parallel rank writes its pool shards, rank 0 the manifest)
   load into whole tables (EP=1) and into EP=4 shards, and a checkpoint of whole tables loads into
   EP=2 and EP=4 shards: weights, disabled flags and optimizer moments row for row.
@@ -28,8 +32,10 @@ from tests.nulls_gpt_helpers import packed_micro_batches, tiny_config
 STEPS = 3
 
 
-def _config(tensor_parallel: int, expert_parallel: int, pipeline_parallel: int = 1, recompute: str = "none"):
+def _config(tensor_parallel: int, expert_parallel: int, pipeline_parallel: int = 1, recompute: str = "none",
+            engine: str = "megatron"):
     cfg = tiny_config(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
+    cfg.train.engine = type(cfg.train.engine)(engine)
     cfg.model.recompute = recompute
     cfg.nulls.pool_shards = 4  # EP = 4 divides it: 48 rows per shard, k = 12
     cfg.parallel.expert_parallel = expert_parallel
@@ -69,7 +75,11 @@ def _train(cfg, batches: list, distributed_optimizer: bool = False) -> dict:
     group = parallel_state.get_expert_model_parallel_group() if cfg.parallel.expert_parallel > 1 else None
     tables = [m.sinks for m in model.nulls_mlps()]
     initial = [_full_table(t, group) for t in tables]
-    if distributed_optimizer:
+    if cfg.train.engine.value == "deepspeed":
+        from nulls_megatron.train.engines.deepspeed_zero import DeepSpeedZeroEngine
+
+        engine = DeepSpeedZeroEngine(model, cfg, num_micro_batches=1)
+    elif distributed_optimizer:
         from nulls_megatron.train.engines.megatron_distributed_optimizer import MegatronDistributedOptimizerEngine
 
         engine = MegatronDistributedOptimizerEngine(model, cfg)
@@ -164,6 +174,13 @@ def expert_parallel_worker(rank: int, world_size: int, out: str) -> dict:
     for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):  # DP = 2: EP = 2 spans both replicas
         runs[f"{name}_ep1"], _, _ = _train(_config(tp, 1, pipeline_parallel=pp), batches)
         runs[f"{name}_ep2"], _, _ = _train(_config(tp, 2, pipeline_parallel=pp), batches)
+    for zero_stage in (1, 2):  # DeepSpeed ZeRO: EP=2 (DP = 4) against its own EP=1
+        for ep in (1, 2):
+            cfg = _config(1, ep, engine="deepspeed")
+            cfg.train.zero_stage = zero_stage
+            runs[f"deepspeed_zero{zero_stage}_ep{ep}"], _, _ = _train(cfg, batches)
+    runs["deepspeed_tp2_ep1"], _, _ = _train(_config(2, 1, engine="deepspeed"), batches)
+    runs["deepspeed_tp2_ep2"], _, _ = _train(_config(2, 2, engine="deepspeed"), batches)
     return runs
 
 
@@ -200,6 +217,11 @@ def test_expert_parallel_pool_trains_as_the_whole_table_and_its_checkpoint_loads
                 assert math.isclose(ep1["norms"][step], ep2["norms"][step], rel_tol=1e-5), (name, ep1["norms"], ep2["norms"])
             for a, b in zip(ep1["tables"], ep2["tables"]):
                 assert torch.allclose(a, b, atol=2e-6, rtol=0), f"{name}: sink tables after {STEPS} steps"
+        for zero_stage in (1, 2):
+            _assert_trains_as(r[f"deepspeed_zero{zero_stage}_ep1"], r[f"deepspeed_zero{zero_stage}_ep2"],
+                              f"EP=2 under DeepSpeed ZeRO-{zero_stage}")
+        _assert_trains_as(r["deepspeed_tp2_ep1"], r["deepspeed_tp2_ep2"], "TP=2 x EP=2 under DeepSpeed ZeRO-1")
+        assert r["deepspeed_zero1_ep2"]["rows"] == r["ep2"]["rows"], "DeepSpeed trains the same shards"
         assert r["checkpoint"] == {"ep2 -> ep1": True, "ep2 -> ep4": True, "ep4 shards": True,
                                    "ep1 -> ep2": True, "ep1 -> ep4": True}, r["checkpoint"]
 
@@ -216,6 +238,5 @@ def test_expert_parallel_config_is_checked():
     config_from_dict(with_changes(parallel={"expert_parallel": 4}))
     with pytest.raises(ConfigError, match="parallel.expert_parallel.*3 does not divide nulls.pool_shards"):
         config_from_dict(with_changes(parallel={"expert_parallel": 3}))
-    with pytest.raises(ConfigError, match="the deepspeed engine does not shard the pool yet"):
-        config_from_dict(with_changes(parallel={"expert_parallel": 2}, train={"engine": "deepspeed"}))
+    config_from_dict(with_changes(parallel={"expert_parallel": 2}, train={"engine": "deepspeed", "zero_stage": 2}))
     config_from_dict(with_changes(parallel={"expert_parallel": 2}, optimizer={"distributed": "on"}))

@@ -2,7 +2,7 @@
 each rank holds half of every layer's table and writes its own pool shards) is an ordinary checkpoint
 to everything after training: `nulls unlearn` erases a source from it, it loads into one process
 (EP=1) and `nulls export` gives transformers models with our logits in every mode, and `nulls eval`
-scores it; and the run resumes at EP=1."""
+scores it; and the run resumes at EP=1 (Megatron engine), then at EP=2 again under DeepSpeed ZeRO."""
 from __future__ import annotations
 
 import json
@@ -51,10 +51,27 @@ def test_expert_parallel_checkpoint_is_unlearned_exported_and_evaluated(trained_
     cfg = yaml.safe_load(config_path.read_text())
     cfg["parallel"]["expert_parallel"], cfg["train"]["steps"], cfg["train"]["save_every"] = 1, 4, 4
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    done = subprocess.run([sys.executable, "-m", "nulls_megatron.cli", "train", "--config", str(config_path), "--nproc", "2"],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _train_from(config_path)
     resumed = root / (root / "latest").read_text().strip()
     assert resumed != unlearned and read_train_state(resumed)["step"] == 4
     assert "expert_parallel: 1" in (resumed / "config.yaml").read_text()
+
+    # Then under DeepSpeed ZeRO-2 with the pool sharded again: whole tables and moments into EP shards,
+    # and each expert-parallel rank's shards (and moments, gathered from ZeRO's partitions) saved.
+    cfg["parallel"]["expert_parallel"], cfg["train"]["steps"], cfg["train"]["save_every"] = 2, 6, 6
+    cfg["train"]["engine"], cfg["train"]["zero_stage"] = "deepspeed", 2
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    _train_from(config_path)
+    resumed = root / (root / "latest").read_text().strip()
+    assert read_train_state(resumed)["step"] == 6 and "engine: deepspeed" in (resumed / "config.yaml").read_text()
+    manifest = read_sink_manifest(resumed)
+    assert sorted(manifest["files"]) == sorted(shard_file_name(layer, shard) for layer in (0, 1) for shard in range(4))
+    assert 11 in source_state(manifest).disabled_sources
+    assert _load(root).sources.state.disabled_sources == loaded.sources.state.disabled_sources
+
+
+def _train_from(config_path) -> None:
+    done = subprocess.run([sys.executable, "-m", "nulls_megatron.cli", "train", "--config", str(config_path), "--nproc", "2"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

@@ -7,6 +7,16 @@ so each tensor-parallel rank shards its own slice, and the gradient norm is summ
 over the model-parallel group with replicated parameters (norms, sink tables)
 counted once. Pipeline parallelism is refused by the config (``train.engine``).
 
+With an expert-parallel sink pool (``parallel.expert_parallel`` = EP > 1) each rank holds 1/EP of the
+pool, and its gradient is reduced over the expert-data-parallel group, as DeepSpeed does for the
+experts of its own MoE layers: the sink tables form a param group marked ``moe`` and named
+``ep_size_<EP>``, their weights carry that ``group_name`` (and Megatron's ``allreduce = False``, the
+mark DeepSpeed reads too), and Megatron's expert-parallel and expert-data-parallel groups are handed
+to DeepSpeed under that name, so that ZeRO partitions the pool's optimizer state over the
+expert-data-parallel group and sums its gradient norm over every shard. DeepSpeed turns its MoE path
+on only when it finds one of its own ``MoE`` modules in the model, so the model goes in wrapped
+with a parameter-free marker of that class (``_sharded_pool_wrapper``).
+
 On CPU everything runs in fp32 with the gloo backend and nothing is compiled: the client
 optimizer is plain torch (so DeepSpeed never JIT-builds its CPU Adam) and the shared-memory
 comm op is switched off (``import_deepspeed``). docs/engines.md has what was measured.
@@ -105,6 +115,76 @@ class MegatronMPU:
         return dist.get_rank(group=self._ps.get_model_parallel_group())
 
 
+def expert_group_name(expert_parallel: int) -> str:
+    """DeepSpeed's name for the expert groups of size ``expert_parallel`` (its checkpoint code parses it)."""
+    return f"ep_size_{expert_parallel}"
+
+
+def _hand_expert_groups_to_deepspeed(name: str) -> None:
+    """Register Megatron's expert-parallel and expert-data-parallel groups of this rank as DeepSpeed's
+    groups ``name``: DeepSpeed then reduces and partitions over exactly the groups the model's dispatch
+    and Megatron's DDP use, instead of creating its own. Replaces a stale entry of an earlier model."""
+    from deepspeed.utils import groups as ds_groups
+    from megatron.core import parallel_state
+
+    for groups, ranks, group in (
+        (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+         parallel_state.get_expert_model_parallel_group()),
+        (ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+         parallel_state.get_expert_data_parallel_group()),
+    ):
+        groups[name] = group
+        ranks[name] = dist.get_process_group_ranks(group)
+
+
+def _sharded_pool_wrapper(model: torch.nn.Module, expert_parallel: int, pool_shards: int) -> torch.nn.Module:
+    """``model`` inside a module that also holds a parameter-free subclass of DeepSpeed's ``MoE``:
+    the only thing DeepSpeed's engine looks for to take its expert path (``has_moe_layers``). Its
+    ``set_deepspeed_parallelism`` (called by the engine once ``groups.mpu`` is set) hands Megatron's
+    expert groups to DeepSpeed; it never runs a forward."""
+    from deepspeed.moe.layer import MoE
+
+    name = expert_group_name(expert_parallel)
+
+    class ShardedSinkPool(MoE):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)  # not MoE's: no experts, no gate, no parameters
+            self.num_experts, self.ep_size, self.expert_group_name = pool_shards, expert_parallel, name
+            self.enable_expert_tensor_parallelism = True
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            _hand_expert_groups_to_deepspeed(self.expert_group_name)
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("ShardedSinkPool only marks the model as expert-parallel for DeepSpeed")
+
+    class ExpertParallelModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.sharded_sink_pool = model, ShardedSinkPool()
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return self.model(*args, **kwargs)
+
+    return ExpertParallelModel()
+
+
+def _expert_param_groups(param_groups: list[dict], expert_parallel: int) -> list[dict]:
+    """The sink group as DeepSpeed's MoE param group: ``moe`` set and named after the expert groups,
+    whose name each sink weight also carries (``group_name``), as DeepSpeed's own expert weights do."""
+    name = expert_group_name(expert_parallel)
+    for group in param_groups:
+        if group["name"] != "sinks":
+            continue
+        for param in group["params"]:
+            if getattr(param, "allreduce", True) is not False:
+                raise ValueError(f"a sink table of shape {tuple(param.shape)} is not expert-parallel (allreduce is not "
+                                 "False): build the model after init_model_parallel with parallel.expert_parallel > 1")
+            param.group_name = name
+        group.update(name=name, moe=True)
+    return param_groups
+
+
 class DeepSpeedZeroEngine(Engine):
     """``model`` (this rank's TP shard of a NullsGPTModel, PP=1) trained by DeepSpeed ZeRO 1/2.
 
@@ -132,8 +212,13 @@ class DeepSpeedZeroEngine(Engine):
         self._dp_group = parallel_state.get_data_parallel_group()
         self._dp_size = parallel_state.get_data_parallel_world_size()
         self._bf16 = use_bf16(cfg)
+        expert_parallel = parallel_state.get_expert_model_parallel_world_size()
+        param_groups = adamw_param_groups(model, opt)
+        if expert_parallel > 1:
+            param_groups = _expert_param_groups(param_groups, expert_parallel)
+            model = _sharded_pool_wrapper(model, expert_parallel, cfg.nulls.pool_shards)
         optimizer = torch.optim.AdamW(
-            adamw_param_groups(model, opt),
+            param_groups,
             lr=opt.lr,
             betas=(opt.beta1, opt.beta2),
             eps=opt.eps,
