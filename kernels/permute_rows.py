@@ -38,14 +38,16 @@ def _check(rows: torch.Tensor, perm: torch.Tensor, base: torch.Tensor | None = N
         raise ValueError(f"base {tuple(base.shape)} must have the shape of the rows {tuple(rows.shape)}")
 
 
-def _launch(kernel_name: str, src: torch.Tensor, perm: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+def _launch(kernel_name: str, src: torch.Tensor, perm: torch.Tensor, base: torch.Tensor | None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     import triton
 
     from . import _permute_rows_triton as k
 
     src = src.contiguous()
-    out = torch.empty_like(src)
-    n, h = src.shape
+    n, h = perm.numel(), src.shape[1]
+    if out is None:
+        out = src.new_empty(n, h) if kernel_name == "gather" else torch.empty_like(src)
     if n:
         grid = (n, triton.cdiv(h, _BLOCK_COLS))
         if kernel_name == "gather":
@@ -57,9 +59,14 @@ def _launch(kernel_name: str, src: torch.Tensor, perm: torch.Tensor, base: torch
     return out
 
 
-def gather(x: torch.Tensor, perm: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """``x[perm]`` without autograd (for kernels that write their own backward)."""
-    return _launch("gather", x, perm, None) if use_triton(x, impl) else permute_rows_reference(x, perm)
+def gather(x: torch.Tensor, index: torch.Tensor, impl: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[index]`` without autograd (for kernels that write their own backward): any number of rows,
+    written into ``out`` when given (a contiguous [len(index), H] tensor, e.g. a slice of a larger one)."""
+    if out is not None and (not out.is_contiguous() or out.shape != (index.numel(), x.shape[1])):
+        raise ValueError(f"out must be a contiguous [{index.numel()}, {x.shape[1]}] tensor, got {tuple(out.shape)}")
+    if use_triton(x, impl):
+        return _launch("gather", x, index, None, out)
+    return torch.index_select(x, 0, index) if out is None else torch.index_select(x, 0, index, out=out)
 
 
 def scatter(y: torch.Tensor, perm: torch.Tensor, base: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from kernels.destination_permutation import destination_permutation, destination_permutation_reference  # noqa: E402
 from kernels.grouped_sink_swiglu import grouped_sink_swiglu  # noqa: E402
-from kernels.permute_rows import (permute_rows, permute_rows_reference, unpermute_rows,  # noqa: E402
+from kernels.permute_rows import (gather, permute_rows, permute_rows_reference, unpermute_rows,  # noqa: E402
                                   unpermute_rows_reference)
 
 
@@ -124,6 +124,16 @@ def main() -> None:
             (out * grad).sum().backward()
             (out_ref * grad).sum().backward()
             check(f"gradients n={n} h={h} {dtype}", torch.equal(x.grad, x_ref.grad) and torch.equal(base.grad, base_ref.grad))
+
+    # A gather of some rows (repeats allowed, none at all) into a slice of a larger buffer, as the
+    # dispatch writes the tokens a rank keeps straight into place.
+    x = torch.randn(29, 70, generator=gen)
+    for index in (torch.randint(0, 29, (11,), generator=gen), torch.zeros(0, dtype=torch.int64)):
+        buffer = torch.full((index.numel() + 5, 70), -1.0)
+        gather(x, index, impl="triton", out=buffer[:index.numel()])
+        check(f"gather {index.numel()} of 29 rows into a slice", torch.equal(buffer[:index.numel()], x[index])
+              and bool((buffer[index.numel():] == -1).all()))
+        check(f"gather {index.numel()} of 29 rows", torch.equal(gather(x, index, impl="triton"), x[index]))
 
     check_grouped_sink_swiglu(gen)
     print("all kernel checks passed")

@@ -63,6 +63,16 @@ class RoutingPlan:
         perm = None if already_grouped else torch.argsort(inverse, stable=True)
         return cls(sources=sources, offsets=offsets, perm=perm, counts=counts)
 
+    @classmethod
+    def from_source_runs(cls, token_sources: torch.Tensor) -> "RoutingPlan":
+        """Tokens that already come in runs of one source, each run its own group and no permutation
+        (a source may have several runs: its rows are then used by several groups)."""
+        token_sources = token_sources.reshape(-1)
+        if token_sources.numel() == 0:
+            raise ValueError("cannot route an empty batch")
+        sources, counts = torch.unique_consecutive(token_sources, return_counts=True)
+        return cls(sources=sources, offsets=[0] + torch.cumsum(counts, 0).tolist(), perm=None, counts=counts)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "RoutingPlan":
         """The plan with its tensors (and the rows already looked up) on ``device``; the group offsets
         stay Python ints, so a plan built on the host routes a forward on the device without a sync."""
