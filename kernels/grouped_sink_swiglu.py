@@ -315,6 +315,8 @@ def grouped_sink_swiglu(
         raise ValueError(
             f"row_ids {tuple(row_ids.shape)} and gates {tuple(gates.shape)} must be [U, k] with U = len(offsets) - 1 = {len(offsets) - 1}"
         )
+    if offsets[0] != 0 or offsets[-1] != x.shape[0] or any(lo > hi for lo, hi in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"offsets must rise from 0 to the number of tokens ({x.shape[0]}), got {offsets[0]} .. {offsets[-1]}")
     if base is not None and base.shape != x.shape:
         raise ValueError(f"base {tuple(base.shape)} must have the shape of x {tuple(x.shape)}")
     if counts is not None and counts.shape != (len(offsets) - 1,):

@@ -173,6 +173,8 @@ def test_kernel_rejects_inconsistent_shapes_and_routing_rejects_bad_ids():
         grouped_sink_swiglu(x, torch.randn(10, 2, 8), None, [0, 4], torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
     with pytest.raises(ValueError, match="len\\(offsets\\)"):
         grouped_sink_swiglu(x, table, None, [0, 2, 4], torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="offsets must rise from 0 to the number of tokens \\(4\\)"):
+        grouped_sink_swiglu(x, table, None, [0, 3], torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
     with pytest.raises(ValueError, match="source id -3 at token 1"):
         RoutingPlan.from_token_sources(torch.tensor([1, -3, 2]))
     with pytest.raises(TypeError, match="int32 or int64"):
