@@ -11,11 +11,6 @@ Shapes keep the paper's ratios (n_backbone / I = 0.061, k / n_pool = 0.013).
 Every source count runs with documents of equal length and with uneven ones (log-normal lengths,
 as real articles have; fixed seed); the RESULT line holds the worst case over all of them.
 
-A second table times the layout training sees: Megatron holds activations [s, b, h], so the uneven
-documents packed into ``--rows`` rows reach the layer sequence-major, a document's tokens ``rows``
-apart. The NULLs MLP then computes each document in place (the plan's ``interleaved_rows``) instead
-of permuting the tokens into groups and back; both are timed, with the dense-active time beside.
-
     python benchmarks/nulls_mlp.py [--hidden 256] [--width 2048] [--tokens 4096] [--sources 1,4,16,64]
 """
 from __future__ import annotations
@@ -34,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nulls_megatron.sinks.assignment import SinkAssignment  # noqa: E402
 from nulls_megatron.sinks.mlp import NullsMLP  # noqa: E402
 from nulls_megatron.sinks.reference import dense_weights, masked_dense_swiglu, neuron_mask  # noqa: E402
-from nulls_megatron.sinks.routing import RoutingPlan, SinkMode, SinkRouting  # noqa: E402
+from nulls_megatron.sinks.routing import SinkRouting  # noqa: E402
 from nulls_megatron.sinks.table import normal_init  # noqa: E402
 
 P_GEN, P_MEM = 0.061, 0.013
@@ -73,7 +68,6 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--sources", default="1,4,16,64")
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--rows", type=int, default=8, help="packed rows of the [s, b] layout table")
     args = parser.parse_args()
 
     d, width, tokens = args.hidden, args.width, args.tokens
@@ -145,29 +139,6 @@ def main() -> None:
             slowdowns.append(t_nulls / t_dense)
             print(f"{n_sources:>8} {layout:>8} {t_masked:>16.1f} {t_dense:>16.1f} {t_nulls:>10.1f} "
                   f"{speedups[-1]:>15.2f}x {slowdowns[-1]:>15.2f}x")
-    print(f"Megatron's [s, b] layout ({args.rows} packed rows, uneven documents, sequence-major), NULLs ms: "
-          "each document in place / permuted into groups and back")
-    for n_sources in [int(s) for s in args.sources.split(",") if int(s) > 1]:
-        by_row = document_sources(tokens, n_sources, uneven=True).view(args.rows, -1)
-        sequence_major = by_row.t().reshape(-1)
-        in_place = RoutingPlan.from_token_sources(sequence_major, rows=args.rows)
-        permuted = RoutingPlan.from_token_sources(sequence_major)
-        assert in_place.interleaved_rows == args.rows and permuted.perm is not None
-
-        def run_with(plan: RoutingPlan):
-            def run():
-                mlp(x, SinkRouting(SinkMode.TRAIN, plan)).backward(grad)
-            return run
-
-        def run_dense_active():
-            gate, up = (x @ dense_fc1.t()).chunk(2, dim=-1)
-            ((F.silu(gate) * up) @ dense_fc2.t()).backward(grad)
-
-        t = interleaved_medians({"dense": run_dense_active, "in_place": run_with(in_place),
-                                 "permuted": run_with(permuted)}, args.repeats)
-        print(f"{n_sources:>8} {t['in_place']:>10.1f} {t['permuted']:>10.1f}   {t['permuted'] / t['in_place']:.2f}x faster"
-              f" in place; vs dense-active ({t['dense']:.1f} ms): {t['in_place'] / t['dense']:.2f}x in place, "
-              f"{t['permuted'] / t['dense']:.2f}x permuted")
     print("under the Megatron engines' fp32 gradient buffers (zeroed once per step), NULLs ms: the table gradient "
           "added by the hook / added by the kernel (grad_table_into)")
     for n_sources, layout, hook, into in engine_rows:

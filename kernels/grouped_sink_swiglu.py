@@ -58,71 +58,36 @@ def _gather_rows(table: torch.Tensor, row_ids: torch.Tensor) -> tuple[torch.Tens
     return w13, w2
 
 
-class _Segments:
-    """Where each group's tokens lie: per group, slices of the token tensors (x, its gradient and
-    every [T, c] intermediate, all in the tokens' own order). One slice per group when the groups are
-    contiguous; with ``interleaved_rows`` = B > 1 a group is a run in row order of [S, B]-flattened
-    tokens, one strided slice (row stride B) per packed row it covers, which GEMMs read and write in
-    place."""
-
-    def __init__(self, offsets: list[int], n_tokens: int, interleaved_rows: int) -> None:
-        self.rows = interleaved_rows
-        self.length = n_tokens // interleaved_rows
-        self.groups: list[list[tuple]] = []
-        for lo, hi in zip(offsets[:-1], offsets[1:]):
-            if interleaved_rows == 1:
-                self.groups.append([(slice(lo, hi),)])
-                continue
-            length = self.length
-            self.groups.append([(slice(max(lo - b * length, 0), min(hi - b * length, length)), b)
-                                for b in range(lo // length, (hi - 1) // length + 1)] if hi > lo else [])
-
-    def of(self, t: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Each group's slices of ``t`` [T, c]."""
-        if self.rows > 1:
-            t = t.view(self.length, self.rows, t.shape[-1])
-        return [[t[index] for index in group] for group in self.groups]
-
-    def token_order(self, per_token: torch.Tensor) -> torch.Tensor:
-        """``per_token`` [T, c] listed group by group, moved into the tokens' own order."""
-        if self.rows == 1:
-            return per_token
-        return per_token.view(self.rows, self.length, -1).transpose(0, 1).reshape(per_token.shape)
-
-
 class _GroupedSinkSwiGLU(torch.autograd.Function):
-    # Matmuls run per group (each group has its own rows) on its slices where they lie; every
-    # elementwise step runs once over all tokens, with each token's gates expanded from its group's.
+    # Matmuls run per group (each group has its own rows); every elementwise step runs
+    # once over all tokens, with each token's gates expanded from its group's.
     @staticmethod
-    def forward(ctx, x, table, perm, offsets, row_ids, gates, base, counts, grad_table_into, interleaved_rows):  # type: ignore[override]
+    def forward(ctx, x, table, perm, offsets, row_ids, gates, base, counts, grad_table_into):  # type: ignore[override]
         n_groups, k = row_ids.shape
         w13, w2 = _gather_rows(table, row_ids)
         x_sorted = x if perm is None else gather(x, perm)
         n_tokens = x_sorted.shape[0]
         if counts is None:  # a blocking host-to-device copy on a GPU: callers that can, pass counts
             counts = torch.tensor([hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])], device=x.device)
-        segments = _Segments(offsets, n_tokens, interleaved_rows)
-        token_gates = segments.token_order(gates.repeat_interleave(counts, dim=0, output_size=n_tokens))
+        token_gates = gates.repeat_interleave(counts, dim=0, output_size=n_tokens)
         pre = x_sorted.new_empty(n_tokens, 2 * k)
-        for u, (xs, pres) in enumerate(zip(segments.of(x_sorted), segments.of(pre))):
-            w13t = w13[u].t()
-            for x_part, pre_part in zip(xs, pres):
-                torch.mm(x_part, w13t, out=pre_part)
+        for u in range(n_groups):
+            lo, hi = offsets[u], offsets[u + 1]
+            torch.matmul(x_sorted[lo:hi], w13[u].t(), out=pre[lo:hi])
         ab = pre.view(n_tokens, k, 2)
         h = F.silu(ab[..., 0]).mul_(ab[..., 1]).mul_(token_gates)
         y_sorted = torch.empty_like(x_sorted)
-        # With tokens where they lie, the GEMM adds ``base`` for free (beta = 1).
+        # With tokens already grouped, the GEMM adds ``base`` for free (beta = 1).
         fold_base = base is not None and perm is None
-        bases = segments.of(base) if fold_base else None
-        for u, (hs, ys) in enumerate(zip(segments.of(h), segments.of(y_sorted))):
-            for i, (h_part, y_part) in enumerate(zip(hs, ys)):
-                if fold_base:
-                    torch.addmm(bases[u][i], h_part, w2[u], out=y_part)
-                else:
-                    torch.mm(h_part, w2[u], out=y_part)
+        for u in range(n_groups):
+            lo, hi = offsets[u], offsets[u + 1]
+            if fold_base:
+                torch.addmm(base[lo:hi], h[lo:hi], w2[u], out=y_sorted[lo:hi])
+            else:
+                torch.matmul(h[lo:hi], w2[u], out=y_sorted[lo:hi])
         y = y_sorted if perm is None else scatter(y_sorted, perm, base)
         ctx.save_for_backward(x_sorted, pre, token_gates, w13, w2, perm, row_ids)
-        ctx.segments = segments
+        ctx.offsets = offsets
         ctx.table_shape = table.shape
         ctx.table, ctx.grad_table_into = (table, grad_table_into) if grad_table_into is not None else (None, None)
         return y
@@ -130,17 +95,15 @@ class _GroupedSinkSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         x_sorted, pre, token_gates, w13, w2, perm, row_ids = ctx.saved_tensors
-        segments = ctx.segments
+        offsets = ctx.offsets
         n_groups, k = row_ids.shape
         n_tokens = x_sorted.shape[0]
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dy_sorted = (grad_y if perm is None else gather(grad_y, perm)).contiguous()
+        dy_sorted = grad_y if perm is None else gather(grad_y, perm)
         dh = x_sorted.new_empty(n_tokens, k)
-        dys = segments.of(dy_sorted)
-        for u, (dy_group, dh_group) in enumerate(zip(dys, segments.of(dh))):
-            w2t = w2[u].t()
-            for dy_part, dh_part in zip(dy_group, dh_group):
-                torch.mm(dy_part, w2t, out=dh_part)
+        for u in range(n_groups):
+            lo, hi = offsets[u], offsets[u + 1]
+            torch.matmul(dy_sorted[lo:hi], w2[u].t(), out=dh[lo:hi])
         dh.mul_(token_gates)
         ab = pre.view(n_tokens, k, 2)
         a, b = ab[..., 0], ab[..., 1]
@@ -151,42 +114,30 @@ class _GroupedSinkSwiGLU(torch.autograd.Function):
         torch.mul(dh * b, sig * (1 + a * (1 - sig)), out=d_ab[..., 0])
         torch.mul(dh, silu_a, out=d_ab[..., 1])
         d_ab = d_ab.view(n_tokens, 2 * k)
-        d_abs = segments.of(d_ab)
         grad_x = grad_table = None
         if need_x:
             dx_sorted = torch.empty_like(x_sorted)
-            for u, (d_ab_group, dx_group) in enumerate(zip(d_abs, segments.of(dx_sorted))):
-                for d_ab_part, dx_part in zip(d_ab_group, dx_group):
-                    torch.mm(d_ab_part, w13[u], out=dx_part)
+            for u in range(n_groups):
+                lo, hi = offsets[u], offsets[u + 1]
+                torch.matmul(d_ab[lo:hi], w13[u], out=dx_sorted[lo:hi])
             grad_x = dx_sorted if perm is None else scatter(dx_sorted, perm)
         if need_table:
             h = silu_a.mul_(b).mul_(token_gates)
-            d = x_sorted.shape[1]
-            d_w13, d_w2 = x_sorted.new_empty(n_groups, 2 * k, d), x_sorted.new_empty(n_groups, k, d)  # gate, up of each sink
-            parts = zip(d_abs, segments.of(x_sorted), segments.of(h), dys)
-            for u, (d_ab_group, x_group, h_group, dy_group) in enumerate(parts):
-                if not d_ab_group:  # an empty group
-                    d_w13[u].zero_(), d_w2[u].zero_()
-                for i, (d_ab_part, x_part, h_part, dy_part) in enumerate(zip(d_ab_group, x_group, h_group, dy_group)):
-                    if i == 0:
-                        torch.mm(d_ab_part.t(), x_part, out=d_w13[u])
-                        torch.mm(h_part.t(), dy_part, out=d_w2[u])
-                    else:  # a group over several packed rows sums its slices
-                        d_w13[u].addmm_(d_ab_part.t(), x_part)
-                        d_w2[u].addmm_(h_part.t(), dy_part)
+            d_rows = x_sorted.new_empty(n_groups, k, 3, x_sorted.shape[1])
+            for u in range(n_groups):
+                lo, hi = offsets[u], offsets[u + 1]
+                d_rows[u, :, :2] = (d_ab[lo:hi].t() @ x_sorted[lo:hi]).view(k, 2, -1)
+                torch.matmul(h[lo:hi].t(), dy_sorted[lo:hi], out=d_rows[u, :, 2])
             into = ctx.grad_table_into
             if into is not None:
-                target = into
+                into.index_add_(0, row_ids.reshape(-1), d_rows.view(n_groups * k, 3, -1).to(into.dtype))
                 ctx.table.grad_added_to_main_grad = True
-                grad_table = d_w2.new_empty(ctx.table_shape)  # never read: the flag above says so
+                grad_table = d_rows.new_empty(ctx.table_shape)  # never read: the flag above says so
             else:
-                target = grad_table = d_w2.new_zeros(ctx.table_shape)
-            # Straight from the GEMMs' outputs into the table's gate/up and down columns.
-            ids = row_ids.reshape(-1)
-            target[:, :2].index_add_(0, ids, d_w13.view(n_groups * k, 2, d).to(target.dtype))
-            target[:, 2].index_add_(0, ids, d_w2.view(n_groups * k, d).to(target.dtype))
+                grad_table = d_rows.new_zeros(ctx.table_shape)
+                grad_table.index_add_(0, row_ids.reshape(-1), d_rows.view(n_groups * k, 3, -1))
         grad_base = grad_y if ctx.needs_input_grad[6] else None
-        return grad_x, grad_table, None, None, None, None, grad_base, None, None, None
+        return grad_x, grad_table, None, None, None, None, grad_base, None, None
 
 
 _BLOCK_D = 64  # columns per table-gradient program
@@ -336,7 +287,6 @@ def grouped_sink_swiglu(
     counts: torch.Tensor | None = None,
     grad_table_into: torch.Tensor | None = None,
     impl: str = "auto",
-    interleaved_rows: int = 1,
 ) -> torch.Tensor:
     """Sink output for every token, in the tokens' original order, plus ``base``.
 
@@ -345,7 +295,7 @@ def grouped_sink_swiglu(
         table: [R, 3, d] sink rows (gate, up, down weight of one neuron each).
         perm: [T] int64 permutation that sorts tokens into contiguous groups, or
             None when they already are.
-        offsets: U+1 Python ints from 0 to T; group ``u`` is ``perm[offsets[u]:offsets[u+1]]``.
+        offsets: U+1 Python ints; group ``u`` is ``perm[offsets[u]:offsets[u+1]]``.
         row_ids: [U, k] int64 table rows of each group (distinct within a group).
         gates: [U, k] multipliers of each group's sink activations.
         base: optional [T, d] added to the result (e.g. the backbone output): folded
@@ -356,11 +306,6 @@ def grouped_sink_swiglu(
             gradient is added into (module docstring); ``table`` must then be the parameter itself.
         impl: ``auto`` (Triton for CUDA tensors, the reference otherwise), ``triton`` or ``torch``
             (kernels/backend.py).
-        interleaved_rows: B > 1 (``perm`` None) when x is the sequence-major flattening of B rows
-            ([S, B, d] -> row ``s * B + b``, as Megatron holds activations) and ``offsets`` count
-            tokens in row order (``b * S + s``), where each group is contiguous: the reference reads
-            and writes each group's strided slices in place, with no permutation and no un-permutation
-            (four passes over [T, d] less per layer); Triton gets the equivalent permutation.
 
     Returns [T, d]. Differentiable in ``x``, ``table`` and ``base``.
     """
@@ -378,12 +323,5 @@ def grouped_sink_swiglu(
         raise ValueError(f"counts {tuple(counts.shape)} must be [U] with U = len(offsets) - 1 = {len(offsets) - 1}")
     if grad_table_into is not None and grad_table_into.shape != table.shape:
         raise ValueError(f"grad_table_into {tuple(grad_table_into.shape)} must have the table's shape {tuple(table.shape)}")
-    if interleaved_rows < 1 or x.shape[0] % interleaved_rows or (interleaved_rows > 1 and perm is not None):
-        raise ValueError(f"interleaved_rows = {interleaved_rows} needs perm None and a divisor of the {x.shape[0]} tokens")
-    gates = gates.to(x.dtype)
-    if use_triton(x, impl):
-        if interleaved_rows > 1:  # the same groups through a permutation (GPU gathers are cheap)
-            perm = torch.arange(x.shape[0], device=x.device).view(-1, interleaved_rows).t().reshape(-1)
-        return _GroupedSinkSwiGLUTriton.apply(x, table, perm, offsets, row_ids, gates, base, counts, grad_table_into)
-    return _GroupedSinkSwiGLU.apply(x, table, perm, offsets, row_ids, gates, base, counts, grad_table_into,
-                                    interleaved_rows)
+    function = _GroupedSinkSwiGLUTriton if use_triton(x, impl) else _GroupedSinkSwiGLU
+    return function.apply(x, table, perm, offsets, row_ids, gates.to(x.dtype), base, counts, grad_table_into)

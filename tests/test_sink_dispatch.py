@@ -61,9 +61,7 @@ def worker(rank: int, world_size: int) -> dict:
         second = run(ep, table_full[shard], disabled[shard])
         out[name] = {"tokens": t, "received": None,
                      "y": torch.allclose(first[0], ref_y, atol=1e-6, rtol=1e-6),
-                     # GEMMs over other group sizes (the owner's runs): other rounding, to ~1e-7 of the scale
-                     "dx": torch.allclose(first[1], ref_dx, rtol=0,
-                                          atol=1e-6 * max(1.0, float(ref_dx.abs().amax()) if t else 1.0)),
+                     "dx": torch.allclose(first[1], ref_dx, atol=1e-6, rtol=1e-6),
                      "dbase": torch.equal(first[2], ref_dbase),
                      # the owner sums both ranks' tokens in one pass, the reference per rank then over ranks
                      "dtable": torch.allclose(first[3], ref_dtable[shard], rtol=0,

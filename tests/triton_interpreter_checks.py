@@ -41,11 +41,9 @@ def sink_cases():
     yield "one group holding every token k=25 d=130", [0, 21], 25, 130, 40, False, False
     yield "grouped tokens k=5 d=130 base folded", [0, 7, 9, 30], 5, 130, 9, False, True
     yield "k=70 (2 sink blocks, 32-token tiles) d=20 perm", [0, 3, 40], 70, 20, 100, True, False
-    yield "interleaved: 3 packed rows of 14, groups over row ends k=5 d=48 base", [0, 9, 20, 27, 42], 5, 48, 15, 3, True
 
 
-def sink_inputs(gen: torch.Generator, offsets: list[int], k: int, d: int, n_rows: int, with_perm, with_base: bool):
-    """``with_perm``: True (a permutation), False (grouped tokens) or B > 1 (``interleaved_rows``)."""
+def sink_inputs(gen: torch.Generator, offsets: list[int], k: int, d: int, n_rows: int, with_perm: bool, with_base: bool):
     n_groups, n_tokens = len(offsets) - 1, offsets[-1]
     # The last row only for the first group's first sink, disabled: its gradient must be exactly zero.
     row_ids = torch.stack([torch.randperm(n_rows - 1, generator=gen)[:k] for _ in range(n_groups)])
@@ -54,8 +52,7 @@ def sink_inputs(gen: torch.Generator, offsets: list[int], k: int, d: int, n_rows
     gates[0, 0] = 0.0
     return dict(
         x=torch.randn(n_tokens, d, generator=gen), table=torch.randn(n_rows, 3, d, generator=gen) * 0.3,
-        perm=torch.randperm(n_tokens, generator=gen) if with_perm is True else None, offsets=offsets, row_ids=row_ids,
-        interleaved_rows=with_perm if with_perm not in (True, False) else 1,
+        perm=torch.randperm(n_tokens, generator=gen) if with_perm else None, offsets=offsets, row_ids=row_ids,
         gates=gates, base=torch.randn(n_tokens, d, generator=gen) if with_base else None,
         grad_y=torch.randn(n_tokens, d, generator=gen))
 
@@ -66,7 +63,7 @@ def run_sinks(impl: str, inputs: dict, grad_table_into: torch.Tensor | None = No
     table = torch.nn.Parameter(inputs["table"].clone())
     base = None if inputs["base"] is None else inputs["base"].clone().requires_grad_(True)
     y = grouped_sink_swiglu(x, table, inputs["perm"], inputs["offsets"], inputs["row_ids"], inputs["gates"], base=base,
-                            grad_table_into=grad_table_into, impl=impl, interleaved_rows=inputs["interleaved_rows"])
+                            grad_table_into=grad_table_into, impl=impl)
     y.backward(inputs["grad_y"])
     assert grad_table_into is None or table.grad_added_to_main_grad
     return y.detach(), x.grad, None if grad_table_into is not None else table.grad, None if base is None else base.grad

@@ -167,7 +167,7 @@ class NullsGPTModel(GPTModel):
         if mode is SinkMode.TRAIN:
             return SinkRouting(SinkMode.TRAIN, train_routing_plan(source_ids))
         if mode is SinkMode.ROUTE:
-            return SinkRouting.route(_route_ids(source_ids, route_sources).t().reshape(-1), rows=source_ids.shape[0])
+            return SinkRouting.route(_route_ids(source_ids, route_sources).t().reshape(-1))
         if mode is SinkMode.EXPECTED:
             return SinkRouting.expected()
         return SinkRouting.backbone_only()
@@ -189,7 +189,7 @@ def train_routing_plan(source_ids: torch.Tensor, assignment: Assignment | None =
     """The routing plan of a ``train``-mode forward over ``source_ids`` [b, s], with the sink rows of
     ``layers`` looked up in advance (one entry serves all layers without per-layer sinks). Inside the
     decoder hidden states are [s, b, h], so tokens are planned sequence-major."""
-    plan = RoutingPlan.from_token_sources(source_ids.t().reshape(-1), rows=source_ids.shape[0])
+    plan = RoutingPlan.from_token_sources(source_ids.t().reshape(-1))
     for layer in layers if assignment is not None else ():
         plan.rows(assignment, layer)
     return plan

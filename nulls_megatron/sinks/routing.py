@@ -36,33 +36,19 @@ class SinkMode(str, enum.Enum):
 class RoutingPlan:
     """Tokens of one batch grouped by source.
 
-    Group ``u`` belongs to ``sources[u]`` and holds the tokens ``offsets[u]:offsets[u+1]`` of an order
-    of the flattened tokens:
-    - ``perm`` given: the order ``perm`` (it sorts the tokens by source);
-    - ``perm`` None, ``interleaved_rows`` = 1: the tokens' own order (they come in runs of one source);
-    - ``perm`` None, ``interleaved_rows`` = B > 1: the tokens are the sequence-major flattening of B
-      packed rows (token ``s * B + b``, as Megatron holds activations, [s, b, h]) and the groups are
-      runs in row order (token ``b * S + s``), where a document is contiguous. The kernel then reads
-      each group's rows where they lie, with no permutation (kernels/grouped_sink_swiglu.py).
-    A source can have several groups (several runs); its rows are then used by each.
+    ``perm`` sorts the flattened tokens so that each source's tokens are
+    contiguous; group ``u`` is ``perm[offsets[u]:offsets[u+1]]`` and belongs to
+    ``sources[u]``. ``perm`` is None when the tokens are already grouped.
     """
 
     sources: torch.Tensor
     offsets: list[int]
     perm: torch.Tensor | None
     counts: torch.Tensor | None = None  # tokens per group, on the tokens' device (the same numbers as offsets)
-    interleaved_rows: int = 1
     _rows: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    # Runs are used instead of a permutation while there are at most this many per distinct source:
-    # each run costs its own small GEMMs, a permutation four passes over the activations.
-    MAX_RUNS_PER_SOURCE = 2
-
     @classmethod
-    def from_token_sources(cls, token_sources: torch.Tensor, rows: int = 1) -> "RoutingPlan":
-        """The plan for per-token source ids (flattened). With ``rows`` > 1 the ids are the
-        sequence-major flattening of that many packed rows ([s, b]): runs in row order are used when
-        documents make them (the class docstring)."""
+    def from_token_sources(cls, token_sources: torch.Tensor) -> "RoutingPlan":
         token_sources = token_sources.reshape(-1)
         if token_sources.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"source ids must be int32 or int64, got {token_sources.dtype}")
@@ -71,21 +57,11 @@ class RoutingPlan:
         if int(token_sources.min()) < 0:
             pos = int((token_sources < 0).nonzero()[0])
             raise ValueError(f"source id {int(token_sources[pos])} at token {pos} is negative")
-        if rows < 1 or token_sources.numel() % rows:
-            raise ValueError(f"{token_sources.numel()} tokens do not make {rows} rows of equal length")
         sources, inverse, counts = torch.unique(token_sources, return_inverse=True, return_counts=True)
-        if bool((inverse[1:] >= inverse[:-1]).all()):  # grouped in ascending source order already
-            return cls(sources=sources, offsets=[0] + torch.cumsum(counts, 0).tolist(), perm=None, counts=counts)
-        orders = [(token_sources, 1)]
-        if rows > 1:
-            orders.append((token_sources.view(-1, rows).t().reshape(-1), rows))
-        for order, interleaved in orders:
-            run_sources, run_counts = torch.unique_consecutive(order, return_counts=True)
-            if run_sources.numel() <= cls.MAX_RUNS_PER_SOURCE * sources.numel():
-                return cls(sources=run_sources, offsets=[0] + torch.cumsum(run_counts, 0).tolist(), perm=None,
-                           counts=run_counts, interleaved_rows=interleaved)
-        perm = torch.argsort(inverse, stable=True)
-        return cls(sources=sources, offsets=[0] + torch.cumsum(counts, 0).tolist(), perm=perm, counts=counts)
+        offsets = [0] + torch.cumsum(counts, 0).tolist()
+        already_grouped = bool((inverse[1:] >= inverse[:-1]).all())
+        perm = None if already_grouped else torch.argsort(inverse, stable=True)
+        return cls(sources=sources, offsets=offsets, perm=perm, counts=counts)
 
     @classmethod
     def from_source_runs(cls, token_sources: torch.Tensor) -> "RoutingPlan":
@@ -104,7 +80,6 @@ class RoutingPlan:
         return RoutingPlan(sources=move(self.sources), offsets=self.offsets,
                            perm=None if self.perm is None else move(self.perm),
                            counts=None if self.counts is None else move(self.counts),
-                           interleaved_rows=self.interleaved_rows,
                            _rows={key: move(rows) for key, rows in self._rows.items()})
 
     @property
@@ -140,15 +115,14 @@ class SinkRouting:
         return cls(SinkMode.TRAIN, RoutingPlan.from_token_sources(token_sources))
 
     @classmethod
-    def route(cls, route_sources: torch.Tensor | int, like: torch.Tensor | None = None, rows: int = 1) -> "SinkRouting":
+    def route(cls, route_sources: torch.Tensor | int, like: torch.Tensor | None = None) -> "SinkRouting":
         """Route tokens to chosen sources: a per-token tensor, or one source id
-        for every token of ``like`` (a tensor shaped as the tokens). ``rows``: as in
-        ``RoutingPlan.from_token_sources`` (ids of packed rows flattened sequence-major)."""
+        for every token of ``like`` (a tensor shaped as the tokens)."""
         if isinstance(route_sources, int):
             if like is None:
                 raise ValueError("route(source_id) needs `like`, a tensor shaped as the tokens")
             route_sources = torch.full(like.shape, route_sources, dtype=torch.int64, device=like.device)
-        return cls(SinkMode.ROUTE, RoutingPlan.from_token_sources(route_sources, rows=rows))
+        return cls(SinkMode.ROUTE, RoutingPlan.from_token_sources(route_sources))
 
     @classmethod
     def expected(cls) -> "SinkRouting":

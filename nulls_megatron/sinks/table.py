@@ -126,8 +126,7 @@ class SinkTable(nn.Module):
         # Under a data-parallel engine that keeps an fp32 gradient buffer per parameter (Megatron's DDP:
         # ``main_grad``), the rows' gradients go straight into it (kernels/grouped_sink_swiglu.py).
         return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base, counts=plan.counts,
-                                   grad_table_into=getattr(self.weight, "main_grad", None),
-                                   interleaved_rows=plan.interleaved_rows)
+                                   grad_table_into=getattr(self.weight, "main_grad", None))
 
     def _forward_expert_parallel(self, x: torch.Tensor, routing: SinkRouting, base: torch.Tensor) -> torch.Tensor:
         if routing.mode is SinkMode.EXPECTED:
