@@ -12,6 +12,7 @@ derives the same one).
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 from dataclasses import dataclass
@@ -46,14 +47,34 @@ def compute_device(cuda: Optional[bool] = None) -> torch.device:
 DEFAULT_TIMEOUT = timedelta(minutes=60)  # NCCL's 10-minute default is shorter than a 1B checkpoint's finalize
 
 
-def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that is free right now (the OS picks it).
+def _ephemeral_port_floor() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux: ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
-    Another process may take it before it is bound again; for local launches
-    that window is a few milliseconds.
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now, chosen below the kernel's ephemeral range.
+
+    Another process may take it before it is bound again. A port the OS picks (bind to 0) lies in the
+    ephemeral range, which every outgoing connection draws from meanwhile: with seconds between the
+    choice and the bind (a SLURM job's scheduling) such a collision killed a test job. Ports below
+    the range are taken only by servers that ask for them.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    floor = _ephemeral_port_floor()
+    draw = random.SystemRandom()
+    for _ in range(64):
+        port = draw.randrange(max(1024, floor - 12000), floor)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # all tried were busy: let the OS pick
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

@@ -309,7 +309,10 @@ def test_env_detection(monkeypatch):
     # On a GPU node one group serves both: CUDA tensors through NCCL, the trainer's CPU scalars through gloo.
     assert distributed_backend(cuda=True) == "cpu:gloo,cuda:nccl" and distributed_backend(cuda=False) == "gloo"
     assert compute_device(cuda=False) == torch.device("cpu")
-    assert 0 < find_free_port() < 65536
+    from launch.env import _ephemeral_port_floor
+
+    ports = {find_free_port() for _ in range(5)}
+    assert all(1024 <= port < _ephemeral_port_floor() for port in ports), ports  # never one the OS hands out
     slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
              "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
     env = read_dist_env(slurm)

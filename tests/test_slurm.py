@@ -178,7 +178,9 @@ def test_sbatch_pretrain_script_one_node_two_cpu_ranks(slurm_cluster, tmp_path):
     job_id = waiting.stdout.readline().strip().split(";")[0]
     deadline = time.monotonic() + 300
     while f"step 3/{STEPS}" not in (output.read_text(errors="replace") if output.exists() else ""):
-        assert waiting.poll() is None and time.monotonic() < deadline, f"no progress:\n{slurm_cluster.log_tails()}"
+        job_output = output.read_text(errors="replace")[-4000:] if output.exists() else "(no job output)"
+        assert waiting.poll() is None and time.monotonic() < deadline, \
+            f"no progress:\n--- job output ---\n{job_output}\n{slurm_cluster.log_tails()}"
         time.sleep(0.5)
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])  # what --signal=B:USR1@300 sends
     _, stderr = waiting.communicate(timeout=600)
