@@ -159,12 +159,9 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> dict:
             rows = out
 
     def run_floor_remote() -> None:  # the same, only the bytes that cross ranks
-        rows = x0
         for send, recv in ((plan.remote(plan.send_splits), plan.remote(plan.recv_splits)),
                            (plan.remote(plan.recv_splits), plan.remote(plan.send_splits))) * 2:
-            out = rows.new_empty(sum(recv), d)
-            dist.all_to_all_single(out, rows[:sum(send)], recv, send, group=group)
-            rows = x0
+            dist.all_to_all_single(x0.new_empty(sum(recv), d), x0[:sum(send)], recv, send, group=group)
 
     # Both dispatchers deliver the same rows to the same ranks and return the same result.
     x = x0.clone()

@@ -79,7 +79,7 @@ class LocalSinkDispatcher:
         n = token_sources.numel()
         identity = torch.arange(n, device=token_sources.device)
         received = RoutingPlan.from_token_sources(token_sources) if n else None
-        return DispatchPlan(identity, [n], [n], received, rank=0)
+        return DispatchPlan(identity, [n], [n], received)
 
     def forward(self, x: torch.Tensor, table: torch.Tensor, disabled: torch.Tensor, plan: DispatchPlan,
                 base: torch.Tensor | None = None, layer: int = 0) -> torch.Tensor:
@@ -110,7 +110,7 @@ class AllToAllSinkDispatcher:
         into source groups and none back. The tokens a rank keeps go first and skip the collective."""
         token_sources = token_sources.reshape(-1)
         by_source = torch.argsort(token_sources, stable=True)
-        counts, offsets, by_destination = destination_permutation(self.destination(token_sources[by_source]), self.size)
+        counts, _, by_destination = destination_permutation(self.destination(token_sources[by_source]), self.size)
         grouped = by_source[by_destination]  # stable in destination: each destination's tokens stay by source
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
@@ -118,7 +118,7 @@ class AllToAllSinkDispatcher:
         own = slice(sum(send_splits[:self.rank]), sum(send_splits[:self.rank + 1]))
         perm = torch.cat([grouped[own], grouped[:own.start], grouped[own.stop:]])
         plan = DispatchPlan(perm, send_splits, recv_splits, None, rank=self.rank)
-        recv_sources = _send(token_sources.unsqueeze(1), plan, self.group, rows_gather=_index_rows).squeeze(1)
+        recv_sources = _send(token_sources.unsqueeze(1), plan, self.group, impl="torch").squeeze(1)
         plan.received = RoutingPlan.from_source_runs(recv_sources) if recv_sources.numel() else None
         return plan
 
@@ -143,19 +143,15 @@ class AllToAllSinkDispatcher:
         return _Combine.apply(y_recv, plan, base, self.group)
 
 
-def _index_rows(rows: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.index_select(rows, 0, index) if out is None else torch.index_select(rows, 0, index, out=out)
-
-
-def _send(rows: torch.Tensor, plan: DispatchPlan, group, rows_gather=gather) -> torch.Tensor:
+def _send(rows: torch.Tensor, plan: DispatchPlan, group, impl: str = "auto") -> torch.Tensor:
     """This rank's token rows [T, H] to the rows the ranks compute: the local ones gathered straight into
     place, the rest gathered by destination and sent by one ``all_to_all_single`` (this rank's own split
     0), received into place after them."""
     local = plan.local
     send, recv = plan.remote(plan.send_splits), plan.remote(plan.recv_splits)
     out = rows.new_empty(local + sum(recv), rows.shape[1])
-    rows_gather(rows, plan.perm[:local], out=out[:local])
-    outgoing = rows_gather(rows, plan.perm[local:])
+    gather(rows, plan.perm[:local], impl, out=out[:local])
+    outgoing = gather(rows, plan.perm[local:], impl)
     dist.all_to_all_single(out[local:], outgoing, recv, send, group=group)
     return out
 
