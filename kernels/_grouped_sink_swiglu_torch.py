@@ -1,0 +1,268 @@
+"""The pure-torch reference of ``grouped_sink_swiglu`` (CPU tensors, ``impl="torch"``).
+
+Every group has its own ``k`` rows, so the work is six small GEMMs per group (two forward, four
+backward). Called one group at a time they cost more in call overhead than in arithmetic once groups
+are short: 64 groups of 64 tokens take 2.7 ms per GEMM kind as a loop of ``mm`` and 1.0 ms as one
+``bmm`` (d=256, k=25, 2 cores), the time of one GEMM of the same FLOPs. So groups of one length run
+as one ``bmm``, on a **slot layout**:
+
+- every group gets a run of slots, as long as the group or, for a group shorter than
+  ``EXACT_FROM`` tokens, as long as the next of a few padded lengths (``padded_length``);
+- groups of one slot length sit side by side, a *bucket*, and each bucket is one ``bmm`` per GEMM
+  kind on views; the elementwise steps run once over all slots;
+- padding slots hold zeros going in (x) and coming back (the output gradient), so they add nothing
+  to any gradient.
+
+When the tokens arrive grouped (no ``perm``) and runs of equal-length groups already make few
+buckets, the slots are the tokens themselves: no copy, and ``base`` is added by the down GEMM
+(``baddbmm``). Otherwise one gather puts the tokens into slots (where ``perm`` needed a gather
+anyway) and one gather by the inverse brings the output back. Which layout a call takes changes
+speed, never the result beyond fp32 rounding.
+
+The table gradient: each group's rows' gradients, added into the table's gradient. Three ways:
+
+- ``grad_table_into`` (Megatron's fp32 ``main_grad``): one ``index_add_`` into the buffer
+  (kernels/grouped_sink_swiglu.py);
+- the table is a leaf whose ``.grad`` already holds a dense gradient (gradient accumulation over
+  micro-batches): a sparse COO gradient of the used rows, which autograd adds into ``.grad`` in
+  place, no table-sized tensor per call; ``.grad`` stays dense;
+- otherwise a dense zero-filled gradient with the rows added (autograd then keeps it as ``.grad``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["GroupedSinkSwiGLUTorch", "slot_lengths"]
+
+# Costs of the layout choice in FLOP-equivalents, measured on a 2-core CPU (MKL, ~100 GFLOP/s on these
+# shapes): one bucket's calls (six bmm and their views, ~80 us), one element of the four row gathers a
+# slot layout adds (x and the output gradient in, the output and the input gradient out, ~0.8 ns).
+_BUCKET_COST = 8e6
+_GATHERED_ELEMENT_COST = 76.0
+
+
+def _slot_cost(k: int, d: int) -> int:
+    """FLOPs of one slot (token or padding) in the six GEMMs."""
+    return 18 * max(k, 1) * max(d, 1)
+
+
+def slot_lengths(sizes: list[int], k: int, d: int) -> dict[int, int]:
+    """The slot length of each group length: groups are padded up to the next longer length present
+    while padding them costs fewer FLOPs than the calls of a bucket of their own (at d=256, k=25:
+    up to ~70 slots in all per merge; at the paper's d=960, k=100: ~5)."""
+    counts: dict[int, int] = {}
+    for n in sizes:
+        counts[n] = counts.get(n, 0) + 1
+    distinct = sorted(counts)
+    merge_slots = _BUCKET_COST / _slot_cost(k, d)
+    target: dict[int, int] = {}
+    carried: list[int] = []
+    waiting = 0
+    for i, length in enumerate(distinct):
+        carried.append(length)
+        waiting += counts[length]
+        if i + 1 < len(distinct) and waiting * (distinct[i + 1] - length) <= merge_slots:
+            continue  # cheaper padded into the next length's bucket
+        target.update((n, length) for n in carried)
+        carried, waiting = [], 0
+    return target
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Groups ``[first_group, first_group + count)`` of the slot order, ``length`` slots each, from
+    slot ``first_slot`` on."""
+
+    first_slot: int
+    first_group: int
+    count: int
+    length: int
+
+    def slots(self, t: torch.Tensor) -> torch.Tensor:
+        """This bucket's [count, length, H] view of per-slot rows ``t`` [S, H]."""
+        return t[self.first_slot:self.first_slot + self.count * self.length].view(self.count, self.length, -1)
+
+    def groups(self, t: torch.Tensor) -> torch.Tensor:
+        """This bucket's slice of per-group tensors ``t`` [U, ...] (in slot order)."""
+        return t[self.first_group:self.first_group + self.count]
+
+
+@dataclass
+class _Layout:
+    """Where each group's tokens sit for the batched GEMMs: ``order`` holds the non-empty groups in
+    slot order, ``slot_group`` the position in ``order`` of each slot's group. ``slot_token`` (token
+    row of each slot, pads 0), ``token_slot`` (slot of each token) and ``pad_slots`` are None when
+    the slots are the tokens themselves (``direct``)."""
+
+    order: torch.Tensor
+    buckets: list[_Bucket]
+    slot_group: torch.Tensor
+    slot_token: torch.Tensor | None = None
+    token_slot: torch.Tensor | None = None
+    pad_slots: torch.Tensor | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self.slot_token is None
+
+    @property
+    def n_slots(self) -> int:
+        return self.slot_group.numel()
+
+    @classmethod
+    def build(cls, offsets: list[int], perm: torch.Tensor | None, k: int, d: int, device: torch.device) -> "_Layout":
+        sizes = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
+        groups = [u for u, n in enumerate(sizes) if n]
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        target = slot_lengths([sizes[u] for u in groups], k, d)
+        padded = [target[sizes[u]] for u in groups]
+        runs = _runs([sizes[u] for u in groups])
+        if perm is None:
+            n_buckets = len(set(padded))
+            pad = sum(padded) - offsets[-1]
+            slots_extra = (_GATHERED_ELEMENT_COST * offsets[-1] * d + pad * _slot_cost(k, d)
+                           - (len(runs) - n_buckets) * _BUCKET_COST)
+            if slots_extra >= 0:  # the tokens in place are their own slots
+                buckets = [_Bucket(offsets[groups[first]], first, count, length) for first, count, length in runs]
+                slot_group = torch.repeat_interleave(torch.arange(len(groups), device=device),
+                                                     as_tensor([sizes[u] for u in groups]), output_size=offsets[-1])
+                return cls(as_tensor(groups), buckets, slot_group)
+        by_length = sorted(range(len(groups)), key=lambda i: (-padded[i], i))
+        order = [groups[i] for i in by_length]
+        lengths = [padded[i] for i in by_length]
+        buckets, n_slots = [], 0
+        for first, count, length in _runs(lengths):
+            buckets.append(_Bucket(n_slots, first, count, length))
+            n_slots += count * length
+        lengths_t = as_tensor(lengths)
+        slot_group = torch.repeat_interleave(torch.arange(len(order), device=device), lengths_t, output_size=n_slots)
+        within = torch.arange(n_slots, device=device) - (torch.cumsum(lengths_t, 0) - lengths_t)[slot_group]
+        real = within < as_tensor([sizes[u] for u in order])[slot_group]
+        position = (as_tensor([offsets[u] for u in order])[slot_group] + within).masked_fill_(~real, 0)
+        slot_token = position if perm is None else perm.index_select(0, position)
+        real_slots = real.nonzero().squeeze(1)
+        token_slot = torch.empty(offsets[-1], dtype=torch.long, device=device)
+        token_slot.index_copy_(0, slot_token.index_select(0, real_slots), real_slots)
+        return cls(as_tensor(order), buckets, slot_group, slot_token, token_slot, (~real).nonzero().squeeze(1))
+
+    def to_slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """Token rows [T, H] into slots [S, H], padding slots zero."""
+        if self.direct:
+            return rows.contiguous()
+        slots = rows.index_select(0, self.slot_token)
+        return slots.index_fill_(0, self.pad_slots, 0) if self.pad_slots.numel() else slots
+
+    def from_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Slots [S, H] back into token rows [T, H] (a view of ``slots`` when direct)."""
+        return slots if self.direct else slots.index_select(0, self.token_slot)
+
+
+def _runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(first index, count, length) of each run of equal consecutive lengths."""
+    runs: list[tuple[int, int, int]] = []
+    for i, length in enumerate(lengths):
+        if runs and runs[-1][2] == length:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, length)
+        else:
+            runs.append((i, 1, length))
+    return runs
+
+
+class GroupedSinkSwiGLUTorch(torch.autograd.Function):
+    """The contract of ``kernels.grouped_sink_swiglu.grouped_sink_swiglu`` (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, table, perm, offsets, row_ids, gates, base, counts, grad_table_into):  # type: ignore[override]
+        k, d = row_ids.shape[1], x.shape[1]
+        layout = _Layout.build(offsets, perm, k, d, x.device)
+        buckets, n_groups = layout.buckets, layout.order.numel()
+        rows = row_ids.index_select(0, layout.order)
+        # Rows of the table seen as [3 R, d] (gate, up, down of pool row r at 3r, 3r + 1, 3r + 2): each
+        # group's gate rows then up rows, and its down rows, each gathered straight into its GEMM operand.
+        lin13 = torch.cat([rows * 3, rows * 3 + 1], dim=1)
+        lin2 = rows * 3 + 2
+        flat_table = table.reshape(-1, d)
+        w13 = flat_table.index_select(0, lin13.reshape(-1)).view(n_groups, 2 * k, d)
+        w2 = flat_table.index_select(0, lin2.reshape(-1)).view(n_groups, k, d)
+        gates = gates.index_select(0, layout.order)
+        slot_gates = None if bool(gates.eq(1).all()) else gates.index_select(0, layout.slot_group)
+        x_slots = layout.to_slots(x)
+        pre = x_slots.new_empty(layout.n_slots, 2 * k)
+        for bucket in buckets:
+            torch.bmm(bucket.slots(x_slots), bucket.groups(w13).transpose(1, 2), out=bucket.slots(pre))
+        a, b = pre[:, :k], pre[:, k:]
+        s = F.silu(a)
+        h = s * b
+        if slot_gates is not None:
+            h.mul_(slot_gates)
+        y_slots = x_slots.new_empty(layout.n_slots, d)
+        fold_base = base is not None and layout.direct  # the down GEMM adds it (baddbmm, beta = 1)
+        base = None if base is None else base.contiguous()
+        for bucket in buckets:
+            if fold_base:
+                torch.baddbmm(bucket.slots(base), bucket.slots(h), bucket.groups(w2), out=bucket.slots(y_slots))
+            else:
+                torch.bmm(bucket.slots(h), bucket.groups(w2), out=bucket.slots(y_slots))
+        y = layout.from_slots(y_slots)
+        if base is not None and not fold_base:
+            y.add_(base)
+        ctx.save_for_backward(x_slots, pre, s, h, w13, w2, lin13, lin2)
+        ctx.layout, ctx.slot_gates = layout, slot_gates
+        ctx.table_shape, ctx.table, ctx.grad_table_into = table.shape, table, grad_table_into
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x_slots, pre, s, h, w13, w2, lin13, lin2 = ctx.saved_tensors
+        layout, slot_gates = ctx.layout, ctx.slot_gates
+        buckets, k = layout.buckets, lin2.shape[1]
+        dy_slots = layout.to_slots(grad_y)
+        dh = dy_slots.new_empty(layout.n_slots, k)
+        for bucket in buckets:
+            torch.bmm(bucket.slots(dy_slots), bucket.groups(w2).transpose(1, 2), out=bucket.slots(dh))
+        if slot_gates is not None:
+            dh.mul_(slot_gates)
+        a, b = pre[:, :k], pre[:, k:]
+        d_ab = dh.new_empty(layout.n_slots, 2 * k)
+        torch.ops.aten.silu_backward.grad_input(dh * b, a, grad_input=d_ab[:, :k])
+        torch.mul(dh, s, out=d_ab[:, k:])
+        grad_x = grad_table = None
+        if ctx.needs_input_grad[0]:
+            dx_slots = torch.empty_like(x_slots)
+            for bucket in buckets:
+                torch.bmm(bucket.slots(d_ab), bucket.groups(w13), out=bucket.slots(dx_slots))
+            grad_x = layout.from_slots(dx_slots)
+        if ctx.needs_input_grad[1]:
+            n_groups, d = w13.shape[0], x_slots.shape[1]
+            # One buffer for both, so that its rows are the table rows lin13, then lin2, without a copy.
+            d_rows = w13.new_empty(3 * n_groups * k, d)
+            d13 = d_rows[:2 * n_groups * k].view(n_groups, 2 * k, d)
+            d2 = d_rows[2 * n_groups * k:].view(n_groups, k, d)
+            for bucket in buckets:
+                torch.bmm(bucket.slots(d_ab).transpose(1, 2), bucket.slots(x_slots), out=bucket.groups(d13))
+                torch.bmm(bucket.slots(h).transpose(1, 2), bucket.slots(dy_slots), out=bucket.groups(d2))
+            grad_table = _table_gradient(ctx, torch.cat([lin13.reshape(-1), lin2.reshape(-1)]), d_rows)
+        grad_base = grad_y if ctx.needs_input_grad[6] else None
+        return grad_x, grad_table, None, None, None, None, grad_base, None, None
+
+
+def _table_gradient(ctx, flat_rows: torch.Tensor, d_rows: torch.Tensor) -> torch.Tensor:
+    """The rows' gradients ``d_rows`` [N, d] added at rows ``flat_rows`` of the table seen as [3 R, d]
+    (module docstring: into ``grad_table_into``, as a sparse gradient, or into a dense one)."""
+    into, table, shape = ctx.grad_table_into, ctx.table, ctx.table_shape
+    if into is not None:
+        target = into if into.is_contiguous() else torch.zeros_like(into)
+        target.view(-1, shape[-1]).index_add_(0, flat_rows, d_rows.to(into.dtype))
+        if target is not into:
+            into.add_(target)
+        table.grad_added_to_main_grad = True
+        return d_rows.new_empty(shape)  # never read: the flag above says so
+    grad = table.grad if table.is_leaf else None
+    if (grad is not None and grad.layout == torch.strided and grad.dtype == d_rows.dtype
+            and grad.device == d_rows.device and not torch.is_grad_enabled()):
+        indices = torch.stack([torch.div(flat_rows, 3, rounding_mode="floor"), flat_rows % 3])
+        return torch.sparse_coo_tensor(indices, d_rows, shape, check_invariants=False)
+    return d_rows.new_zeros(shape).view(-1, shape[-1]).index_add_(0, flat_rows, d_rows).view(shape)
