@@ -42,7 +42,6 @@ outside ``kernels/``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._grouped_sink_swiglu_torch import GroupedSinkSwiGLUTorch
 from .backend import use_triton
