@@ -47,7 +47,7 @@ from ._grouped_sink_swiglu_torch import GroupedSinkSwiGLUTorch
 from .backend import use_triton
 from .permute_rows import gather, scatter
 
-__all__ = ["grouped_sink_swiglu"]
+__all__ = ["grouped_sink_swiglu", "check_groups"]
 
 
 _BLOCK_D = 64  # columns per table-gradient program
@@ -186,6 +186,22 @@ def _table_gradient(kernels, ctx, x_sorted, dy_sorted, gates, row_ids, group_off
     return x_sorted.new_empty(ctx.table_shape)  # never read: the flag above says so
 
 
+def check_groups(x: torch.Tensor, table: torch.Tensor, offsets: list[int], row_ids: torch.Tensor, gates: torch.Tensor,
+                 grad_table_into: torch.Tensor | None) -> None:
+    """Clear errors for tokens, table and groups that do not fit together (shared by the kernels that
+    take ``grouped_sink_swiglu``'s groups)."""
+    if x.dim() != 2 or table.dim() != 3 or table.shape[1] != 3 or table.shape[2] != x.shape[1]:
+        raise ValueError(f"expected x [T, d] and table [R, 3, d], got {tuple(x.shape)} and {tuple(table.shape)}")
+    if row_ids.shape != gates.shape or row_ids.shape[0] != len(offsets) - 1:
+        raise ValueError(
+            f"row_ids {tuple(row_ids.shape)} and gates {tuple(gates.shape)} must be [U, k] with U = len(offsets) - 1 = {len(offsets) - 1}"
+        )
+    if offsets[0] != 0 or offsets[-1] != x.shape[0] or any(lo > hi for lo, hi in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"offsets must rise from 0 to the number of tokens ({x.shape[0]}), got {offsets[0]} .. {offsets[-1]}")
+    if grad_table_into is not None and grad_table_into.shape != table.shape:
+        raise ValueError(f"grad_table_into {tuple(grad_table_into.shape)} must have the table's shape {tuple(table.shape)}")
+
+
 def grouped_sink_swiglu(
     x: torch.Tensor,
     table: torch.Tensor,
@@ -219,19 +235,10 @@ def grouped_sink_swiglu(
 
     Returns [T, d]. Differentiable in ``x``, ``table`` and ``base``.
     """
-    if x.dim() != 2 or table.dim() != 3 or table.shape[1] != 3 or table.shape[2] != x.shape[1]:
-        raise ValueError(f"expected x [T, d] and table [R, 3, d], got {tuple(x.shape)} and {tuple(table.shape)}")
-    if row_ids.shape != gates.shape or row_ids.shape[0] != len(offsets) - 1:
-        raise ValueError(
-            f"row_ids {tuple(row_ids.shape)} and gates {tuple(gates.shape)} must be [U, k] with U = len(offsets) - 1 = {len(offsets) - 1}"
-        )
-    if offsets[0] != 0 or offsets[-1] != x.shape[0] or any(lo > hi for lo, hi in zip(offsets[:-1], offsets[1:])):
-        raise ValueError(f"offsets must rise from 0 to the number of tokens ({x.shape[0]}), got {offsets[0]} .. {offsets[-1]}")
+    check_groups(x, table, offsets, row_ids, gates, grad_table_into)
     if base is not None and base.shape != x.shape:
         raise ValueError(f"base {tuple(base.shape)} must have the shape of x {tuple(x.shape)}")
     if counts is not None and counts.shape != (len(offsets) - 1,):
         raise ValueError(f"counts {tuple(counts.shape)} must be [U] with U = len(offsets) - 1 = {len(offsets) - 1}")
-    if grad_table_into is not None and grad_table_into.shape != table.shape:
-        raise ValueError(f"grad_table_into {tuple(grad_table_into.shape)} must have the table's shape {tuple(table.shape)}")
     function = _GroupedSinkSwiGLUTriton if use_triton(x, impl) else GroupedSinkSwiGLUTorch
     return function.apply(x, table, perm, offsets, row_ids, gates.to(x.dtype), base, counts, grad_table_into)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels.fused_nulls_swiglu as fused_nulls_swiglu
 from launch.local import run_local
 from nulls_megatron.sinks.mlp import NullsMLP
 from nulls_megatron.sinks.routing import SinkRouting
@@ -149,9 +150,13 @@ def test_modes_through_the_model(megatron_world, per_layer):
         model(inputs, source_ids=sources, sink_mode="route")
 
 
-def test_megatron_mlp_equals_plain_torch_nulls_mlp(megatron_world):
+@pytest.mark.parametrize("fused", [False, True])
+def test_megatron_mlp_equals_plain_torch_nulls_mlp(megatron_world, monkeypatch, fused):
     """The Megatron module computes exactly the plain-torch layer that tests/test_nulls_mlp.py
-    checks against the masked-dense reference."""
+    checks against the masked-dense reference; also on the fused path of long sources (taken here
+    from one token per source on, kernels/fused_nulls_swiglu.py), gradients included."""
+    if fused:
+        monkeypatch.setattr(fused_nulls_swiglu, "FUSE_FROM", 1)
     cfg = tiny_config(per_layer_sinks=True)
     model = build(cfg)
     mlp = model.nulls_mlps()[1]
@@ -163,16 +168,26 @@ def test_megatron_mlp_equals_plain_torch_nulls_mlp(megatron_world):
     _, _, sources = packed_batch()
     x = torch.randn(sources.shape[1], sources.shape[0], 64)  # Megatron's [s, b, h]
     model.routing_context.routing = model._routing(sources, SinkRouting.train(sources).mode, None)
-    y_megatron, bias = mlp(x)
-    y_plain = plain(x.reshape(-1, 64), SinkRouting.train(sources.t().reshape(-1))).view_as(x)
+    x_megatron, x_plain = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_megatron, bias = mlp(x_megatron)
+    y_plain = plain(x_plain.reshape(-1, 64), SinkRouting.train(sources.t().reshape(-1))).view_as(x)
     model.routing_context.routing = None
     assert bias is None
     torch.testing.assert_close(y_megatron, y_plain, atol=1e-6, rtol=1e-5)
+    grad_out = torch.randn_like(x)
+    y_megatron.backward(grad_out)
+    y_plain.backward(grad_out)
+    for got, want in ((x_megatron.grad, x_plain.grad), (mlp.linear_fc1.weight.grad, plain.backbone_fc1.grad),
+                      (mlp.linear_fc2.weight.grad, plain.backbone_fc2.grad), (mlp.sinks.weight.grad, plain.sinks.weight.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert mlp.sinks.layer_number == 1
 
 
-def tp_steps(rank: int, world_size: int, tensor_parallel: int) -> dict:
-    """A few SGD steps of the NULLs GPT at the given TP size; losses and full gradients."""
+def tp_steps(rank: int, world_size: int, tensor_parallel: int, fuse_from: int | None = None) -> dict:
+    """A few SGD steps of the NULLs GPT at the given TP size; losses and full gradients. With
+    ``fuse_from``, sources of that many tokens on average take the fused MLP (at TP 1)."""
+    if fuse_from is not None:
+        fused_nulls_swiglu.FUSE_FROM = fuse_from
     init_single_process_megatron(tensor_parallel=tensor_parallel)
     model = build(tiny_config(tensor_parallel=tensor_parallel))
     inputs, labels, sources = packed_batch()
@@ -192,13 +207,20 @@ def tp_steps(rank: int, world_size: int, tensor_parallel: int) -> dict:
 def tp_equivalence_worker(rank: int, world_size: int) -> dict:
     tp2 = tp_steps(rank, world_size, tensor_parallel=2)
     tp1 = tp_steps(rank, world_size, tensor_parallel=1)
-    return {"tp1": tp1, "tp2": tp2}
+    tp1_fused = tp_steps(rank, world_size, tensor_parallel=1, fuse_from=1)
+    return {"tp1": tp1, "tp2": tp2, "tp1 fused": tp1_fused}
 
 
-def test_tensor_parallel_2_equals_1():
-    results = run_local(tp_equivalence_worker, 2, timeout=240)
-    for rank, result in enumerate(results):
-        tp1, tp2 = result["tp1"], result["tp2"]
+@pytest.fixture(scope="module")
+def tp_equivalence_results() -> list[dict]:
+    return run_local(tp_equivalence_worker, 2, timeout=240)
+
+
+@pytest.mark.parametrize("tp1_path", ["tp1", "tp1 fused"])
+def test_tensor_parallel_2_equals_1(tp1_path, tp_equivalence_results):
+    """TP 2 (separate backbone and sinks) against TP 1, the MLP computed apart or fused."""
+    for rank, result in enumerate(tp_equivalence_results):
+        tp1, tp2 = result[tp1_path], result["tp2"]
         assert tp1["losses"][0] > tp1["losses"][-1], "SGD steps should lower the loss on a fixed batch"
         for step in range(STEPS):
             assert abs(tp1["losses"][step] - tp2["losses"][step]) < 1e-5, (rank, step, tp1["losses"], tp2["losses"])

@@ -65,6 +65,7 @@ class NullsMegatronMLP(MegatronModule):
         self.n_backbone = n_backbone
         if tp_group is None:
             tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tensor_parallel_size = tp_group.size()
         self.linear_fc1 = build_module(
             submodules.linear_fc1,
             config.hidden_size,
@@ -131,6 +132,14 @@ class NullsMegatronMLP(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, **unused) -> tuple[torch.Tensor, None]:
         routing = self.routing_context.current()
+        hidden = hidden_states.shape[-1]
+        if self.tensor_parallel_size == 1:
+            # One SwiGLU per source over the backbone's and the source's sink rows, on the CPU where that
+            # is faster (SinkTable.forward_with_backbone); the linears' weights are read, their forward skipped.
+            fused = self.sinks.forward_with_backbone(hidden_states.reshape(-1, hidden), routing,
+                                                     self.linear_fc1.weight, self.linear_fc2.weight)
+            if fused is not None:
+                return fused.view_as(hidden_states), None
         fc1_out, _ = self.linear_fc1(hidden_states)
         gate, up = fc1_out.chunk(2, dim=-1)
         h = F.silu(gate) * up
@@ -138,6 +147,5 @@ class NullsMegatronMLP(MegatronModule):
         if scale != 1.0:
             h = h * scale
         out, _ = self.linear_fc2(h)
-        hidden = hidden_states.shape[-1]
         out = self.sinks(hidden_states.reshape(-1, hidden), routing, base=out.reshape(-1, hidden))
         return out.view_as(hidden_states), None

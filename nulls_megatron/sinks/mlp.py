@@ -49,6 +49,9 @@ class NullsMLP(nn.Module):
     def forward(self, x: torch.Tensor, routing: SinkRouting) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        fused = self.sinks.forward_with_backbone(flat, routing, self.backbone_fc1, self.backbone_fc2)
+        if fused is not None:
+            return fused.view(shape)
         gate, up = (flat @ self.backbone_fc1.t()).chunk(2, dim=-1)
         h = F.silu(gate) * up
         scale = self.sinks.backbone_scale(routing)

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kernels.fused_nulls_swiglu import fused_nulls_swiglu, fusing_is_faster
 from kernels.grouped_sink_swiglu import grouped_sink_swiglu
 
 import torch.distributed as dist
@@ -115,18 +116,37 @@ class SinkTable(nn.Module):
             return torch.addmm(base, h, w[:, 2])
         plan = routing.plan
         routing.check_tokens(x.shape[0])
+        rows, gates = self._rows_and_gates(plan, x.dtype)
+        # Under a data-parallel engine that keeps an fp32 gradient buffer per parameter (Megatron's DDP:
+        # ``main_grad``), the rows' gradients go straight into it (kernels/grouped_sink_swiglu.py).
+        return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base, counts=plan.counts,
+                                   grad_table_into=getattr(self.weight, "main_grad", None))
+
+    def forward_with_backbone(self, x: torch.Tensor, routing: SinkRouting, fc1: torch.Tensor,
+                              fc2: torch.Tensor) -> torch.Tensor | None:
+        """The whole MLP, the SwiGLU backbone (``fc1`` [2 n_backbone, d], gate rows over up rows;
+        ``fc2`` [d, n_backbone]) and the live sinks, as one SwiGLU of width ``n_backbone + k`` per
+        source (kernels/fused_nulls_swiglu.py); None where the separate backbone and ``forward`` are
+        the way: on a GPU (cuBLAS and the Triton kernels), with an expert-parallel pool, in the
+        expected and backbone-only modes, and for sources shorter than ``FUSE_FROM`` tokens on average."""
+        if (routing.mode not in (SinkMode.TRAIN, SinkMode.ROUTE) or self.dispatcher is not None
+                or x.device.type != "cpu" or not fusing_is_faster(routing.plan.offsets)):
+            return None
+        plan = routing.plan
+        routing.check_tokens(x.shape[0])
+        rows, gates = self._rows_and_gates(plan, x.dtype)
+        return fused_nulls_swiglu(x, fc1, fc2, self.weight, plan.perm, plan.offsets, rows, gates,
+                                  grad_table_into=getattr(self.weight, "main_grad", None))
+
+    def _rows_and_gates(self, plan, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's pool rows [U, k] and their gates (0 for disabled sinks and padding)."""
         rows = plan.rows(self.assignment, self.layer_number)
         if self.assignment.variable_sinks:
             # Padding (-1) gathers row 0 under a zero gate: it adds exact zeros, forward and backward.
             live = rows >= 0
             rows = rows.clamp(min=0)
-            gates = (live & ~self.disabled[rows]).to(x.dtype)
-        else:
-            gates = (~self.disabled[rows]).to(x.dtype)
-        # Under a data-parallel engine that keeps an fp32 gradient buffer per parameter (Megatron's DDP:
-        # ``main_grad``), the rows' gradients go straight into it (kernels/grouped_sink_swiglu.py).
-        return grouped_sink_swiglu(x, self.weight, plan.perm, plan.offsets, rows, gates, base=base, counts=plan.counts,
-                                   grad_table_into=getattr(self.weight, "main_grad", None))
+            return rows, (live & ~self.disabled[rows]).to(dtype)
+        return rows, (~self.disabled[rows]).to(dtype)
 
     def _forward_expert_parallel(self, x: torch.Tensor, routing: SinkRouting, base: torch.Tensor) -> torch.Tensor:
         if routing.mode is SinkMode.EXPECTED:
