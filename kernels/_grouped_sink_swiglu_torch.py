@@ -74,20 +74,33 @@ def slot_lengths(sizes: list[int], k: int, d: int) -> dict[int, int]:
 @dataclass(frozen=True)
 class _Bucket:
     """Groups ``[first_group, first_group + count)`` of the slot order, ``length`` slots each, from
-    slot ``first_slot`` on."""
+    slot ``first_slot`` on. ``fused`` buckets run the backbone with the sinks (fused_nulls_swiglu.py);
+    ``own_slot`` and ``own_group`` place the bucket among the buckets of its kind, in tensors that only
+    that kind has (pre-activations, weights)."""
 
     first_slot: int
     first_group: int
     count: int
     length: int
+    fused: bool = False
+    own_slot: int = 0
+    own_group: int = 0
+
+    @property
+    def n_slots(self) -> int:
+        return self.count * self.length
 
     def slots(self, t: torch.Tensor) -> torch.Tensor:
         """This bucket's [count, length, H] view of per-slot rows ``t`` [S, H]."""
-        return t[self.first_slot:self.first_slot + self.count * self.length].view(self.count, self.length, -1)
+        return t[self.first_slot:self.first_slot + self.n_slots].view(self.count, self.length, -1)
 
-    def groups(self, t: torch.Tensor) -> torch.Tensor:
-        """This bucket's slice of per-group tensors ``t`` [U, ...] (in slot order)."""
-        return t[self.first_group:self.first_group + self.count]
+    def own_slots(self, t: torch.Tensor) -> torch.Tensor:
+        """The same of rows ``t`` kept for this bucket's kind only."""
+        return t[self.own_slot:self.own_slot + self.n_slots].view(self.count, self.length, -1)
+
+    def own_groups(self, t: torch.Tensor) -> torch.Tensor:
+        """This bucket's slice of per-group tensors ``t`` of its kind (in slot order)."""
+        return t[self.own_group:self.own_group + self.count]
 
 
 @dataclass
@@ -113,29 +126,35 @@ class _Layout:
         return self.slot_group.numel()
 
     @classmethod
-    def build(cls, offsets: list[int], perm: torch.Tensor | None, k: int, d: int, device: torch.device) -> "_Layout":
+    def build(cls, offsets: list[int], perm: torch.Tensor | None, k: int, d: int, device: torch.device,
+              fuse_from: int | None = None, fused_width: int = 0) -> "_Layout":
+        """Groups of ``fuse_from`` tokens or more (when given) go into fused buckets, whose slots cost
+        the GEMMs of width ``fused_width``; the others cost the sinks' (``k``)."""
         sizes = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
         groups = [u for u, n in enumerate(sizes) if n]
+        fused = lambda n: fuse_from is not None and n >= fuse_from  # noqa: E731
+        width = lambda n: fused_width if fused(n) else k  # noqa: E731
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        target = slot_lengths([sizes[u] for u in groups], k, d)
+        target = slot_lengths([sizes[u] for u in groups if not fused(sizes[u])], k, d)
+        target.update(slot_lengths([sizes[u] for u in groups if fused(sizes[u])], fused_width, d))
         padded = [target[sizes[u]] for u in groups]
         runs = _runs([sizes[u] for u in groups])
         if perm is None:
             n_buckets = len(set(padded))
-            pad = sum(padded) - offsets[-1]
-            slots_extra = (_GATHERED_ELEMENT_COST * offsets[-1] * d + pad * _slot_cost(k, d)
-                           - (len(runs) - n_buckets) * _BUCKET_COST)
+            pad_cost = sum((p - sizes[u]) * _slot_cost(width(sizes[u]), d) for u, p in zip(groups, padded))
+            slots_extra = _GATHERED_ELEMENT_COST * offsets[-1] * d + pad_cost - (len(runs) - n_buckets) * _BUCKET_COST
             if slots_extra >= 0:  # the tokens in place are their own slots
-                buckets = [_Bucket(offsets[groups[first]], first, count, length) for first, count, length in runs]
+                buckets = cls._buckets([(offsets[groups[first]], first, count, length) for first, count, length in runs],
+                                       fused)
                 slot_group = torch.repeat_interleave(torch.arange(len(groups), device=device),
                                                      as_tensor([sizes[u] for u in groups]), output_size=offsets[-1])
                 return cls(as_tensor(groups), buckets, slot_group)
         by_length = sorted(range(len(groups)), key=lambda i: (-padded[i], i))
         order = [groups[i] for i in by_length]
         lengths = [padded[i] for i in by_length]
-        buckets, n_slots = [], 0
+        placed, n_slots = [], 0
         for first, count, length in _runs(lengths):
-            buckets.append(_Bucket(n_slots, first, count, length))
+            placed.append((n_slots, first, count, length))
             n_slots += count * length
         lengths_t = as_tensor(lengths)
         slot_group = torch.repeat_interleave(torch.arange(len(order), device=device), lengths_t, output_size=n_slots)
@@ -146,7 +165,25 @@ class _Layout:
         real_slots = real.nonzero().squeeze(1)
         token_slot = torch.empty(offsets[-1], dtype=torch.long, device=device)
         token_slot.index_copy_(0, slot_token.index_select(0, real_slots), real_slots)
-        return cls(as_tensor(order), buckets, slot_group, slot_token, token_slot, (~real).nonzero().squeeze(1))
+        return cls(as_tensor(order), cls._buckets(placed, fused), slot_group, slot_token, token_slot,
+                   (~real).nonzero().squeeze(1))
+
+    @staticmethod
+    def _buckets(placed: list[tuple[int, int, int, int]], fused) -> list[_Bucket]:
+        own = {True: [0, 0], False: [0, 0]}  # per kind: slots and groups so far
+        buckets = []
+        for first_slot, first_group, count, length in placed:
+            kind = fused(length)
+            buckets.append(_Bucket(first_slot, first_group, count, length, kind, *own[kind]))
+            own[kind][0] += count * length
+            own[kind][1] += count
+        return buckets
+
+    def kind(self, fused: bool) -> tuple[list[_Bucket], torch.Tensor]:
+        """The buckets of one kind, and the positions in ``order`` of their groups."""
+        buckets = [b for b in self.buckets if b.fused == fused]
+        positions = [b.first_group + i for b in buckets for i in range(b.count)]
+        return buckets, torch.tensor(positions, dtype=torch.long, device=self.order.device)
 
     def to_slots(self, rows: torch.Tensor) -> torch.Tensor:
         """Token rows [T, H] into slots [S, H], padding slots zero."""
@@ -171,6 +208,87 @@ def _runs(lengths: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For groups' pool rows [U, k]: their rows in the table seen as [3 R, d] (gate, up, down of pool
+    row r at 3r, 3r + 1, 3r + 2), as each group's gate rows then up rows [U, 2k] and down rows [U, k],
+    and the weights gathered straight into GEMM operands: [U, 2k, d] and [U, k, d]."""
+    n_groups, k = rows.shape
+    d = table.shape[-1]
+    lin13, lin2 = torch.cat([rows * 3, rows * 3 + 1], dim=1), rows * 3 + 2
+    flat_table = table.reshape(-1, d)
+    w13 = flat_table.index_select(0, lin13.reshape(-1)).view(n_groups, 2 * k, d)
+    w2 = flat_table.index_select(0, lin2.reshape(-1)).view(n_groups, k, d)
+    return lin13, lin2, w13, w2
+
+
+def slot_gates(gates: torch.Tensor, buckets: list[_Bucket]) -> torch.Tensor | None:
+    """Each slot's gates [S_kind, k] from its group's (``gates`` [U_kind, k] in the kind's group order);
+    None when every gate is 1."""
+    if bool(gates.eq(1).all()):
+        return None
+    lengths = torch.tensor([b.length for b in buckets for _ in range(b.count)], dtype=torch.long, device=gates.device)
+    return gates.repeat_interleave(lengths, dim=0, output_size=sum(b.n_slots for b in buckets))
+
+
+def swiglu_backward(dh: torch.Tensor, pre: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Gradient [N, 2w] of the pre-activations ``pre`` = [gates | ups] of ``h = silu(gates) * ups``
+    from that of ``h`` [N, w]; ``s`` is ``silu(gates)``."""
+    width = dh.shape[1]
+    d_ab = dh.new_empty(dh.shape[0], 2 * width)
+    torch.ops.aten.silu_backward.grad_input(dh * pre[:, width:], pre[:, :width], grad_input=d_ab[:, :width])
+    torch.mul(dh, s, out=d_ab[:, width:])
+    return d_ab
+
+
+def sinks_forward(buckets: list[_Bucket], x_slots: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  gates: torch.Tensor | None, y_slots: torch.Tensor, base: torch.Tensor | None = None):
+    """The sinks of ``buckets`` into their slots of ``y_slots`` (plus ``base`` there, by the down GEMM);
+    returns what their backward needs (pre-activations, silu of the gates, activations)."""
+    k = w2.shape[1]
+    pre = x_slots.new_empty(sum(b.n_slots for b in buckets), 2 * k)
+    for bucket in buckets:
+        torch.bmm(bucket.slots(x_slots), bucket.own_groups(w13).transpose(1, 2), out=bucket.own_slots(pre))
+    s = F.silu(pre[:, :k])
+    h = s * pre[:, k:]
+    if gates is not None:
+        h.mul_(gates)
+    for bucket in buckets:
+        if base is not None:
+            torch.baddbmm(bucket.slots(base), bucket.own_slots(h), bucket.own_groups(w2), out=bucket.slots(y_slots))
+        else:
+            torch.bmm(bucket.own_slots(h), bucket.own_groups(w2), out=bucket.slots(y_slots))
+    return pre, s, h
+
+
+def sinks_backward(buckets: list[_Bucket], x_slots: torch.Tensor, dy_slots: torch.Tensor, saved, w13: torch.Tensor,
+                   w2: torch.Tensor, gates: torch.Tensor | None, dx_slots: torch.Tensor | None,
+                   need_rows: bool) -> torch.Tensor | None:
+    """The input gradient of ``buckets`` into their slots of ``dx_slots`` (when given); returns the
+    groups' row gradients [3 U k, d] in ``gather_rows``' order (each group's gate rows, then up rows,
+    then every group's down rows) when ``need_rows``."""
+    pre, s, h = saved
+    n_groups, k, d = w2.shape
+    dh = dy_slots.new_empty(pre.shape[0], k)
+    for bucket in buckets:
+        torch.bmm(bucket.slots(dy_slots), bucket.own_groups(w2).transpose(1, 2), out=bucket.own_slots(dh))
+    if gates is not None:
+        dh.mul_(gates)
+    d_ab = swiglu_backward(dh, pre, s)
+    if dx_slots is not None:
+        for bucket in buckets:
+            torch.bmm(bucket.own_slots(d_ab), bucket.own_groups(w13), out=bucket.slots(dx_slots))
+    if not need_rows:
+        return None
+    # One buffer for both, so that its rows are the table rows lin13, then lin2, without a copy.
+    d_rows = w13.new_empty(3 * n_groups * k, d)
+    d13 = d_rows[:2 * n_groups * k].view(n_groups, 2 * k, d)
+    d2 = d_rows[2 * n_groups * k:].view(n_groups, k, d)
+    for bucket in buckets:
+        torch.bmm(bucket.own_slots(d_ab).transpose(1, 2), bucket.slots(x_slots), out=bucket.own_groups(d13))
+        torch.bmm(bucket.own_slots(h).transpose(1, 2), bucket.slots(dy_slots), out=bucket.own_groups(d2))
+    return d_rows
+
+
 class GroupedSinkSwiGLUTorch(torch.autograd.Function):
     """The contract of ``kernels.grouped_sink_swiglu.grouped_sink_swiglu`` (module docstring)."""
 
@@ -178,72 +296,31 @@ class GroupedSinkSwiGLUTorch(torch.autograd.Function):
     def forward(ctx, x, table, perm, offsets, row_ids, gates, base, counts, grad_table_into):  # type: ignore[override]
         k, d = row_ids.shape[1], x.shape[1]
         layout = _Layout.build(offsets, perm, k, d, x.device)
-        buckets, n_groups = layout.buckets, layout.order.numel()
-        rows = row_ids.index_select(0, layout.order)
-        # Rows of the table seen as [3 R, d] (gate, up, down of pool row r at 3r, 3r + 1, 3r + 2): each
-        # group's gate rows then up rows, and its down rows, each gathered straight into its GEMM operand.
-        lin13 = torch.cat([rows * 3, rows * 3 + 1], dim=1)
-        lin2 = rows * 3 + 2
-        flat_table = table.reshape(-1, d)
-        w13 = flat_table.index_select(0, lin13.reshape(-1)).view(n_groups, 2 * k, d)
-        w2 = flat_table.index_select(0, lin2.reshape(-1)).view(n_groups, k, d)
-        gates = gates.index_select(0, layout.order)
-        slot_gates = None if bool(gates.eq(1).all()) else gates.index_select(0, layout.slot_group)
+        lin13, lin2, w13, w2 = gather_rows(table, row_ids.index_select(0, layout.order))
+        gates = slot_gates(gates.index_select(0, layout.order), layout.buckets)
         x_slots = layout.to_slots(x)
-        pre = x_slots.new_empty(layout.n_slots, 2 * k)
-        for bucket in buckets:
-            torch.bmm(bucket.slots(x_slots), bucket.groups(w13).transpose(1, 2), out=bucket.slots(pre))
-        a, b = pre[:, :k], pre[:, k:]
-        s = F.silu(a)
-        h = s * b
-        if slot_gates is not None:
-            h.mul_(slot_gates)
         y_slots = x_slots.new_empty(layout.n_slots, d)
         fold_base = base is not None and layout.direct  # the down GEMM adds it (baddbmm, beta = 1)
-        base = None if base is None else base.contiguous()
-        for bucket in buckets:
-            if fold_base:
-                torch.baddbmm(bucket.slots(base), bucket.slots(h), bucket.groups(w2), out=bucket.slots(y_slots))
-            else:
-                torch.bmm(bucket.slots(h), bucket.groups(w2), out=bucket.slots(y_slots))
+        saved = sinks_forward(layout.buckets, x_slots, w13, w2, gates, y_slots, base.contiguous() if fold_base else None)
         y = layout.from_slots(y_slots)
         if base is not None and not fold_base:
             y.add_(base)
-        ctx.save_for_backward(x_slots, pre, s, h, w13, w2, lin13, lin2)
-        ctx.layout, ctx.slot_gates = layout, slot_gates
+        ctx.save_for_backward(x_slots, *saved, w13, w2, lin13, lin2)
+        ctx.layout, ctx.gates = layout, gates
         ctx.table_shape, ctx.table, ctx.grad_table_into = table.shape, table, grad_table_into
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         x_slots, pre, s, h, w13, w2, lin13, lin2 = ctx.saved_tensors
-        layout, slot_gates = ctx.layout, ctx.slot_gates
-        buckets, k = layout.buckets, lin2.shape[1]
+        layout = ctx.layout
         dy_slots = layout.to_slots(grad_y)
-        dh = dy_slots.new_empty(layout.n_slots, k)
-        for bucket in buckets:
-            torch.bmm(bucket.slots(dy_slots), bucket.groups(w2).transpose(1, 2), out=bucket.slots(dh))
-        if slot_gates is not None:
-            dh.mul_(slot_gates)
-        a, b = pre[:, :k], pre[:, k:]
-        d_ab = dh.new_empty(layout.n_slots, 2 * k)
-        torch.ops.aten.silu_backward.grad_input(dh * b, a, grad_input=d_ab[:, :k])
-        torch.mul(dh, s, out=d_ab[:, k:])
-        grad_x = grad_table = None
-        if ctx.needs_input_grad[0]:
-            dx_slots = torch.empty_like(x_slots)
-            for bucket in buckets:
-                torch.bmm(bucket.slots(d_ab), bucket.groups(w13), out=bucket.slots(dx_slots))
-            grad_x = layout.from_slots(dx_slots)
-        if ctx.needs_input_grad[1]:
-            n_groups, d = w13.shape[0], x_slots.shape[1]
-            # One buffer for both, so that its rows are the table rows lin13, then lin2, without a copy.
-            d_rows = w13.new_empty(3 * n_groups * k, d)
-            d13 = d_rows[:2 * n_groups * k].view(n_groups, 2 * k, d)
-            d2 = d_rows[2 * n_groups * k:].view(n_groups, k, d)
-            for bucket in buckets:
-                torch.bmm(bucket.slots(d_ab).transpose(1, 2), bucket.slots(x_slots), out=bucket.groups(d13))
-                torch.bmm(bucket.slots(h).transpose(1, 2), bucket.slots(dy_slots), out=bucket.groups(d2))
+        dx_slots = torch.empty_like(x_slots) if ctx.needs_input_grad[0] else None
+        d_rows = sinks_backward(layout.buckets, x_slots, dy_slots, (pre, s, h), w13, w2, ctx.gates, dx_slots,
+                                ctx.needs_input_grad[1])
+        grad_x = None if dx_slots is None else layout.from_slots(dx_slots)
+        grad_table = None
+        if d_rows is not None:
             grad_table = _table_gradient(ctx, torch.cat([lin13.reshape(-1), lin2.reshape(-1)]), d_rows)
         grad_base = grad_y if ctx.needs_input_grad[6] else None
         return grad_x, grad_table, None, None, None, None, grad_base, None, None

@@ -19,98 +19,119 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._grouped_sink_swiglu_torch import _Layout, _table_gradient
+from ._grouped_sink_swiglu_torch import (_Layout, _table_gradient, gather_rows, sinks_backward, sinks_forward, slot_gates,
+                                         swiglu_backward)
 from .grouped_sink_swiglu import check_groups
 
-__all__ = ["fused_nulls_swiglu", "fusing_is_faster", "FUSE_FROM"]
+__all__ = ["fused_nulls_swiglu", "FUSE_FROM"]
 
-# Tokens per source from which one GEMM per group beats the separate backbone and sinks on a 2-core
-# CPU (benchmarks/nulls_mlp.py, d=256, k=25): at 256+ tokens per source 0.9-1.07x the time of a dense
-# SwiGLU of the live width against 1.1-1.25x apart; at 64, 1.5-1.8x against 1.3-1.45x.
+# Tokens from which a source's backbone and sinks run as one GEMM per kind on a 2-core CPU
+# (benchmarks/nulls_mlp.py, d=256, k=25: at 256+ tokens per source 0.9-1.07x the time of a dense SwiGLU
+# of the live width, against 1.1-1.25x apart; at 64, 1.5-1.8x against 1.3-1.45x).
 FUSE_FROM = 128
 
 
-def fusing_is_faster(offsets: list[int]) -> bool:
-    """Whether groups at ``offsets`` are long enough, on average, for ``fused_nulls_swiglu``."""
-    groups = sum(1 for lo, hi in zip(offsets[:-1], offsets[1:]) if hi > lo)
-    return groups > 0 and offsets[-1] >= FUSE_FROM * groups
-
-
 class _FusedNullsSwiGLU(torch.autograd.Function):
-    # Columns of the pre-activations: gates (the backbone's, then the group's sinks'), then ups (same
-    # order); of the activations: backbone, then sinks. Elementwise steps run once over all columns.
+    # Long groups (fused buckets): columns of the pre-activations are gates (the backbone's, then the
+    # group's sinks'), then ups (same order); of the activations backbone, then sinks. Short groups
+    # (split buckets): the sinks as in grouped_sink_swiglu, and the backbone over their tokens at once.
     @staticmethod
     def forward(ctx, x, fc1, fc2, table, perm, offsets, row_ids, gates, grad_table_into):  # type: ignore[override]
         nb, k, d = fc2.shape[1], row_ids.shape[1], x.shape[1]
         width = nb + k
-        layout = _Layout.build(offsets, perm, width, d, x.device)
-        n_groups = layout.order.numel()
-        rows = row_ids.index_select(0, layout.order)
-        lin13, lin2 = torch.cat([rows * 3, rows * 3 + 1], dim=1), rows * 3 + 2
-        flat_table = table.reshape(-1, d)
-        w13 = x.new_empty(n_groups, 2, width, d)
-        w13[:, :, :nb] = fc1.view(2, nb, d)
-        w13[:, :, nb:] = flat_table.index_select(0, lin13.reshape(-1)).view(n_groups, 2, k, d)
-        w13 = w13.view(n_groups, 2 * width, d)
-        w2 = x.new_empty(n_groups, width, d)
-        w2[:, :nb] = fc2.t()
-        w2[:, nb:] = flat_table.index_select(0, lin2.reshape(-1)).view(n_groups, k, d)
-        gates = gates.index_select(0, layout.order)
-        slot_gates = None if bool(gates.eq(1).all()) else gates.index_select(0, layout.slot_group)
+        layout = _Layout.build(offsets, perm, k, d, x.device, fuse_from=FUSE_FROM, fused_width=width)
+        (long, long_groups), (short, short_groups) = layout.kind(True), layout.kind(False)
+        rows, gates = row_ids.index_select(0, layout.order), gates.index_select(0, layout.order)
+        lin13_l, lin2_l, sink13_l, sink2_l = gather_rows(table, rows.index_select(0, long_groups))
+        lin13_s, lin2_s, w13_s, w2_s = gather_rows(table, rows.index_select(0, short_groups))
+        n_long = sink2_l.shape[0]
+        w13_l = x.new_empty(n_long, 2, width, d)
+        w13_l[:, :, :nb] = fc1.view(2, nb, d)
+        w13_l[:, :, nb:] = sink13_l.view(n_long, 2, k, d)
+        w13_l = w13_l.view(n_long, 2 * width, d)
+        w2_l = x.new_empty(n_long, width, d)
+        w2_l[:, :nb] = fc2.t()
+        w2_l[:, nb:] = sink2_l
+        # A long group's neurons are the backbone's (gate 1) and its sinks: the sinks' functions serve.
+        gates_l = slot_gates(torch.cat([gates.new_ones(n_long, nb), gates.index_select(0, long_groups)], dim=1), long)
+        gates_s = slot_gates(gates.index_select(0, short_groups), short)
         x_slots = layout.to_slots(x)
-        pre = x_slots.new_empty(layout.n_slots, 2 * width)
-        for bucket in layout.buckets:
-            torch.bmm(bucket.slots(x_slots), bucket.groups(w13).transpose(1, 2), out=bucket.slots(pre))
-        s = F.silu(pre[:, :width])
-        h = s * pre[:, width:]
-        if slot_gates is not None:
-            h[:, nb:].mul_(slot_gates)
         y_slots = x_slots.new_empty(layout.n_slots, d)
-        for bucket in layout.buckets:
-            torch.bmm(bucket.slots(h), bucket.groups(w2), out=bucket.slots(y_slots))
-        ctx.save_for_backward(x_slots, pre, s, h, w13, w2, lin13, lin2)
-        ctx.layout, ctx.slot_gates, ctx.nb = layout, slot_gates, nb
+        saved_l = sinks_forward(long, x_slots, w13_l, w2_l, gates_l, y_slots)
+
+        # The short groups' backbone runs over their tokens in token order (no padding), once.
+        short_tokens = _tokens_of(short_groups, layout, offsets, perm) if long else None
+        x_bb = x if short_tokens is None else x.index_select(0, short_tokens)
+        pre_bb = x_bb @ fc1.t() if short else x.new_empty(0, 2 * nb)
+        s_bb = F.silu(pre_bb[:, :nb])
+        h_bb = s_bb * pre_bb[:, nb:]
+        y_bb = h_bb @ fc2.t()
+        fold = not long and layout.direct  # then the sinks' down GEMMs add the backbone (baddbmm)
+        saved_s = sinks_forward(short, x_slots, w13_s, w2_s, gates_s, y_slots, y_bb if fold and short else None)
+        y = layout.from_slots(y_slots)
+        if short and not fold:
+            if short_tokens is None:
+                y.add_(y_bb)
+            else:
+                y.index_add_(0, short_tokens, y_bb)
+        ctx.save_for_backward(fc1, fc2, x_slots, *saved_l, w13_l, w2_l, *saved_s, w13_s, w2_s, x_bb, pre_bb, s_bb, h_bb,
+                              torch.cat([lin13_l.reshape(-1), lin2_l.reshape(-1), lin13_s.reshape(-1), lin2_s.reshape(-1)]))
+        ctx.layout, ctx.kinds, ctx.gates, ctx.short_tokens, ctx.nb = layout, (long, short), (gates_l, gates_s), short_tokens, nb
         ctx.table_shape, ctx.table, ctx.grad_table_into = table.shape, table, grad_table_into
-        return layout.from_slots(y_slots)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x_slots, pre, s, h, w13, w2, lin13, lin2 = ctx.saved_tensors
-        layout, slot_gates, nb = ctx.layout, ctx.slot_gates, ctx.nb
-        n_groups, width, d = w2.shape
+        (fc1, fc2, x_slots, pre_l, s_l, h_l, w13_l, w2_l, pre_s, s_s, h_s, w13_s, w2_s, x_bb, pre_bb, s_bb, h_bb,
+         flat_rows) = ctx.saved_tensors
+        layout, (long, short), (gates_l, gates_s), short_tokens, nb = ctx.layout, ctx.kinds, ctx.gates, ctx.short_tokens, ctx.nb
+        n_long, width, d = w2_l.shape
+        need_x, need_fc1, need_fc2, need_table = ctx.needs_input_grad[:4]
         dy_slots = layout.to_slots(grad_y)
-        dh = dy_slots.new_empty(layout.n_slots, width)
-        for bucket in layout.buckets:
-            torch.bmm(bucket.slots(dy_slots), bucket.groups(w2).transpose(1, 2), out=bucket.slots(dh))
-        if slot_gates is not None:
-            dh[:, nb:].mul_(slot_gates)
-        a, b = pre[:, :width], pre[:, width:]
-        d_ab = dh.new_empty(layout.n_slots, 2 * width)
-        torch.ops.aten.silu_backward.grad_input(dh * b, a, grad_input=d_ab[:, :width])
-        torch.mul(dh, s, out=d_ab[:, width:])
-        grad_x = grad_fc1 = grad_fc2 = grad_table = None
-        if ctx.needs_input_grad[0]:
-            dx_slots = torch.empty_like(x_slots)
-            for bucket in layout.buckets:
-                torch.bmm(bucket.slots(d_ab), bucket.groups(w13), out=bucket.slots(dx_slots))
-            grad_x = layout.from_slots(dx_slots)
-        if any(ctx.needs_input_grad[1:4]):
-            # Each group's whole weight gradient (a bmm per bucket at full width, as fast per FLOP as one
-            # GEMM); the backbone's is their sum over groups.
-            d13, d2 = w13.new_empty(n_groups, 2, width, d), w2.new_empty(n_groups, width, d)
-            for bucket in layout.buckets:
-                torch.bmm(bucket.slots(d_ab).transpose(1, 2), bucket.slots(x_slots),
-                          out=bucket.groups(d13).view(bucket.count, 2 * width, d))
-                torch.bmm(bucket.slots(h).transpose(1, 2), bucket.slots(dy_slots), out=bucket.groups(d2))
-            if ctx.needs_input_grad[1]:
-                grad_fc1 = d13[:, :, :nb].sum(0).view(2 * nb, d)
-            if ctx.needs_input_grad[2]:
-                grad_fc2 = d2[:, :nb].sum(0).t().contiguous()
-            if ctx.needs_input_grad[3]:
-                # the rows lin13 (each group's gate rows, then up rows), then lin2, as the reference
-                d_rows = torch.cat([d13[:, :, nb:].reshape(-1, d), d2[:, nb:].reshape(-1, d)])
-                grad_table = _table_gradient(ctx, torch.cat([lin13.reshape(-1), lin2.reshape(-1)]), d_rows)
-        return grad_x, grad_fc1, grad_fc2, grad_table, None, None, None, None, None
+        dx_slots = torch.empty_like(x_slots) if need_x else None
+
+        # Each long group's whole weight gradient (a bmm per bucket at full width, as fast per FLOP as
+        # one GEMM); the backbone's part is their sum over groups.
+        d_rows_l = sinks_backward(long, x_slots, dy_slots, (pre_l, s_l, h_l), w13_l, w2_l, gates_l, dx_slots,
+                                  need_fc1 or need_fc2 or need_table)
+        if d_rows_l is None:
+            d_rows_l = w2_l.new_zeros(3 * n_long * width, d)
+        d13_l = d_rows_l[:2 * n_long * width].view(n_long, 2, width, d)
+        d2_l = d_rows_l[2 * n_long * width:].view(n_long, width, d)
+        d_rows_s = sinks_backward(short, x_slots, dy_slots, (pre_s, s_s, h_s), w13_s, w2_s, gates_s, dx_slots,
+                                  need_table)
+        grad_x = None if dx_slots is None else layout.from_slots(dx_slots)
+
+        grad_fc1 = d13_l[:, :, :nb].sum(0).reshape(2 * nb, d)
+        grad_fc2 = d2_l[:, :nb].sum(0).t()
+        if short:
+            dy_bb = grad_y if short_tokens is None else grad_y.index_select(0, short_tokens)
+            d_ab_bb = swiglu_backward(dy_bb @ fc2, pre_bb, s_bb)
+            if need_x:
+                dx_bb = d_ab_bb @ fc1
+                grad_x = grad_x.add_(dx_bb) if short_tokens is None else grad_x.index_add_(0, short_tokens, dx_bb)
+            grad_fc1 = torch.addmm(grad_fc1, d_ab_bb.t(), x_bb)
+            grad_fc2 = torch.addmm(grad_fc2, dy_bb.t(), h_bb)
+        grad_table = None
+        if need_table:
+            # in flat_rows' order: the long groups' gate and up rows, their down rows, then the short groups'
+            parts = ([d13_l[:, :, nb:].reshape(-1, d), d2_l[:, nb:].reshape(-1, d)] if long else []) + \
+                ([d_rows_s] if short else [])
+            d_rows = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else w2_l.new_empty(0, d)
+            grad_table = _table_gradient(ctx, flat_rows, d_rows)
+        return (grad_x, grad_fc1 if need_fc1 else None, grad_fc2.contiguous() if need_fc2 else None, grad_table,
+                None, None, None, None, None)
+
+
+def _tokens_of(positions: torch.Tensor, layout: _Layout, offsets: list[int], perm: torch.Tensor | None) -> torch.Tensor:
+    """The token rows of the groups at ``positions`` of the layout's order."""
+    groups = layout.order.index_select(0, positions).tolist()
+    lengths = torch.tensor([offsets[u + 1] - offsets[u] for u in groups], dtype=torch.long, device=positions.device)
+    starts = torch.tensor([offsets[u] for u in groups], dtype=torch.long, device=positions.device)
+    total = int(lengths.sum())
+    shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
+    sorted_positions = shift + torch.arange(total, device=positions.device)
+    return sorted_positions if perm is None else perm.index_select(0, sorted_positions)
 
 
 def fused_nulls_swiglu(

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_nulls_swiglu import FUSE_FROM, fused_nulls_swiglu, fusing_is_faster
+from kernels.fused_nulls_swiglu import FUSE_FROM, fused_nulls_swiglu
 from nulls_megatron.sinks.assignment import SinkAssignment
 from nulls_megatron.sinks.mlp import NullsMLP
 from nulls_megatron.sinks.routing import SinkRouting
@@ -33,6 +33,9 @@ def run(fn, case, fc1, fc2):
     ([300], False),  # one source
     ([140, 140, 140], False),  # equal sources: one bmm per GEMM kind, tokens in place
     ([0, 200, 3, 0, 150, 400], True),  # a permutation, empty and short groups: padded slots
+    ([200, 5, 7, 400, 30], False),  # long and short sources in place
+    ([5, 9, 30, 30], False),  # short sources only, in place: the backbone added by the sinks' GEMMs
+    ([5, 9, 0, 30, 1], True),  # short sources only, permuted
 ])
 def test_fused_equals_backbone_plus_sinks(sizes, with_perm):
     k, d, n_backbone = 5, 12, 7
@@ -55,21 +58,23 @@ def test_fused_rejects_inconsistent_shapes():
         fused_nulls_swiglu(x, torch.randn(8, 8), torch.randn(8, 4), table, None, [0, 3], rows, gates)
 
 
-def test_long_sources_take_the_fused_path_through_the_layer_and_match_the_masked_dense_reference():
-    """NullsMLP: sources of >= FUSE_FROM tokens on average go through fused_nulls_swiglu (train and
-    route modes, a forgotten source's sinks off), and the result is the method's masked-dense MLP."""
+def test_the_layer_takes_it_on_the_cpu_and_still_equals_the_masked_dense_reference():
+    """NullsMLP goes through fused_nulls_swiglu in train and route modes on the CPU (long sources
+    fused, short ones apart), and the result is the method's masked-dense MLP, also with a forgotten
+    source's sinks off; the expected mode keeps the separate path."""
     torch.manual_seed(3)
     mlp = NullsMLP(32, 8, SinkAssignment(96, 6, n_shards=2, seed=7), init_method=normal_init(0.3))
     gen = torch.Generator().manual_seed(4)
-    sources = torch.tensor([11, 500, 77])[torch.randint(0, 3, (3 * FUSE_FROM,), generator=gen)]
-    sources[:3] = torch.tensor([11, 500, 77])
+    ids = torch.tensor([11, 500, 77, 9, 4])
+    # three sources of ~FUSE_FROM tokens or more and two short ones, shuffled
+    sources = ids[torch.multinomial(torch.tensor([1.0, 1.0, 1.0, 0.03, 0.03]), 4 * FUSE_FROM, replacement=True,
+                                    generator=gen)]
+    sources[:5] = ids
     x = torch.randn(sources.numel(), 32, generator=gen)
-    short = torch.arange(sources.numel()) % 40  # 40 sources of ~10 tokens
-    assert fusing_is_faster(SinkRouting.train(sources).plan.offsets)
-    assert not fusing_is_faster(SinkRouting.train(short).plan.offsets)
+    sizes = torch.unique(sources, return_counts=True)[1]
+    assert (sizes >= FUSE_FROM).any() and (sizes < FUSE_FROM).any()
     flat = x.reshape(-1, 32)
     assert mlp.sinks.forward_with_backbone(flat, SinkRouting.train(sources), mlp.backbone_fc1, mlp.backbone_fc2) is not None
-    assert mlp.sinks.forward_with_backbone(flat, SinkRouting.train(short), mlp.backbone_fc1, mlp.backbone_fc2) is None
     assert mlp.sinks.forward_with_backbone(flat, SinkRouting.expected(), mlp.backbone_fc1, mlp.backbone_fc2) is None
 
     assert_matches_reference(mlp, x, SinkRouting.train(sources), sources)
@@ -78,3 +83,19 @@ def test_long_sources_take_the_fused_path_through_the_layer_and_match_the_masked
     assert_matches_reference(mlp, x, SinkRouting.train(sources), sources)
     chosen = torch.full_like(sources, 77)
     assert_matches_reference(mlp, x, SinkRouting.route(chosen), chosen)
+
+
+def test_fused_with_no_tokens_or_no_sinks():
+    fc1 = torch.randn(6, 8, requires_grad=True)
+    fc2 = torch.randn(8, 3, requires_grad=True)
+    table = torch.randn(10, 3, 8, requires_grad=True)
+    x = torch.zeros(0, 8, requires_grad=True)
+    y = fused_nulls_swiglu(x, fc1, fc2, table, None, [0, 0], torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
+    y.sum().backward()
+    assert y.shape == (0, 8) and torch.count_nonzero(fc1.grad) == 0 and torch.count_nonzero(table.grad) == 0
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    fc1, fc2 = (t.detach().double().requires_grad_(True) for t in (fc1, fc2))
+    y = fused_nulls_swiglu(x, fc1, fc2, table.detach().double(), None, [0, 5], torch.zeros(1, 0, dtype=torch.long),
+                           torch.ones(1, 0))  # k = 0: the backbone alone
+    gate, up = (x @ fc1.t()).chunk(2, dim=-1)
+    torch.testing.assert_close(y, (F.silu(gate) * up) @ fc2.t())

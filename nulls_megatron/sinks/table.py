@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kernels.fused_nulls_swiglu import fused_nulls_swiglu, fusing_is_faster
+from kernels.fused_nulls_swiglu import fused_nulls_swiglu
 from kernels.grouped_sink_swiglu import grouped_sink_swiglu
 
 import torch.distributed as dist
@@ -124,13 +124,13 @@ class SinkTable(nn.Module):
 
     def forward_with_backbone(self, x: torch.Tensor, routing: SinkRouting, fc1: torch.Tensor,
                               fc2: torch.Tensor) -> torch.Tensor | None:
-        """The whole MLP, the SwiGLU backbone (``fc1`` [2 n_backbone, d], gate rows over up rows;
-        ``fc2`` [d, n_backbone]) and the live sinks, as one SwiGLU of width ``n_backbone + k`` per
-        source (kernels/fused_nulls_swiglu.py); None where the separate backbone and ``forward`` are
-        the way: on a GPU (cuBLAS and the Triton kernels), with an expert-parallel pool, in the
-        expected and backbone-only modes, and for sources shorter than ``FUSE_FROM`` tokens on average."""
-        if (routing.mode not in (SinkMode.TRAIN, SinkMode.ROUTE) or self.dispatcher is not None
-                or x.device.type != "cpu" or not fusing_is_faster(routing.plan.offsets)):
+        """The whole MLP on the CPU, the SwiGLU backbone (``fc1`` [2 n_backbone, d], gate rows over up
+        rows; ``fc2`` [d, n_backbone]) and the live sinks (kernels/fused_nulls_swiglu.py: sources of
+        ``FUSE_FROM`` tokens or more as one SwiGLU of width ``n_backbone + k`` each, the others' backbone
+        over their tokens at once and their sinks grouped); None where the separate backbone and
+        ``forward`` are the way: on a GPU (cuBLAS and the Triton kernels), with an expert-parallel pool,
+        and in the expected and backbone-only modes."""
+        if routing.mode not in (SinkMode.TRAIN, SinkMode.ROUTE) or self.dispatcher is not None or x.device.type != "cpu":
             return None
         plan = routing.plan
         routing.check_tokens(x.shape[0])
