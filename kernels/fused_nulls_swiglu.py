@@ -46,28 +46,34 @@ class _FusedNullsSwiGLU(torch.autograd.Function):
         lin13_s, lin2_s, w13_s, w2_s = gather_rows(table, rows.index_select(0, short_groups))
         n_long = sink2_l.shape[0]
         w13_l = x.new_empty(n_long, 2, width, d)
-        w13_l[:, :, :nb] = fc1.view(2, nb, d)
-        w13_l[:, :, nb:] = sink13_l.view(n_long, 2, k, d)
-        w13_l = w13_l.view(n_long, 2 * width, d)
         w2_l = x.new_empty(n_long, width, d)
-        w2_l[:, :nb] = fc2.t()
-        w2_l[:, nb:] = sink2_l
-        # A long group's neurons are the backbone's (gate 1) and its sinks: the sinks' functions serve.
-        gates_l = slot_gates(torch.cat([gates.new_ones(n_long, nb), gates.index_select(0, long_groups)], dim=1), long)
+        gates_l = None
+        if long:
+            w13_l[:, :, :nb] = fc1.view(2, nb, d)
+            w13_l[:, :, nb:] = sink13_l.view(n_long, 2, k, d)
+            w2_l[:, :nb] = fc2.t()
+            w2_l[:, nb:] = sink2_l
+            # A long group's neurons are the backbone's (gate 1) and its sinks: the sinks' functions serve.
+            gates_l = slot_gates(torch.cat([gates.new_ones(n_long, nb), gates.index_select(0, long_groups)], dim=1), long)
+        w13_l = w13_l.view(n_long, 2 * width, d)
         gates_s = slot_gates(gates.index_select(0, short_groups), short)
         x_slots = layout.to_slots(x)
         y_slots = x_slots.new_empty(layout.n_slots, d)
-        saved_l = sinks_forward(long, x_slots, w13_l, w2_l, gates_l, y_slots)
+        saved_l = sinks_forward(long, x_slots, w13_l, w2_l, gates_l, y_slots) if long else (None, None, None)
 
         # The short groups' backbone runs over their tokens in token order (no padding), once.
-        short_tokens = _tokens_of(short_groups, layout, offsets, perm) if long else None
-        x_bb = x if short_tokens is None else x.index_select(0, short_tokens)
-        pre_bb = x_bb @ fc1.t() if short else x.new_empty(0, 2 * nb)
-        s_bb = F.silu(pre_bb[:, :nb])
-        h_bb = s_bb * pre_bb[:, nb:]
-        y_bb = h_bb @ fc2.t()
-        fold = not long and layout.direct  # then the sinks' down GEMMs add the backbone (baddbmm)
-        saved_s = sinks_forward(short, x_slots, w13_s, w2_s, gates_s, y_slots, y_bb if fold and short else None)
+        short_tokens = x_bb = pre_bb = s_bb = h_bb = None
+        fold = False
+        saved_s = (None, None, None)
+        if short:
+            short_tokens = _tokens_of(short_groups, layout, offsets, perm) if long else None
+            x_bb = x if short_tokens is None else x.index_select(0, short_tokens)
+            pre_bb = x_bb @ fc1.t()
+            s_bb = F.silu(pre_bb[:, :nb])
+            h_bb = s_bb * pre_bb[:, nb:]
+            y_bb = h_bb @ fc2.t()
+            fold = not long and layout.direct  # then the sinks' down GEMMs add the backbone (baddbmm)
+            saved_s = sinks_forward(short, x_slots, w13_s, w2_s, gates_s, y_slots, y_bb if fold else None)
         y = layout.from_slots(y_slots)
         if short and not fold:
             if short_tokens is None:
@@ -92,14 +98,18 @@ class _FusedNullsSwiGLU(torch.autograd.Function):
 
         # Each long group's whole weight gradient (a bmm per bucket at full width, as fast per FLOP as
         # one GEMM); the backbone's part is their sum over groups.
-        d_rows_l = sinks_backward(long, x_slots, dy_slots, (pre_l, s_l, h_l), w13_l, w2_l, gates_l, dx_slots,
-                                  need_fc1 or need_fc2 or need_table)
+        d_rows_l = None
+        if long:
+            d_rows_l = sinks_backward(long, x_slots, dy_slots, (pre_l, s_l, h_l), w13_l, w2_l, gates_l, dx_slots,
+                                      need_fc1 or need_fc2 or need_table)
         if d_rows_l is None:
             d_rows_l = w2_l.new_zeros(3 * n_long * width, d)
         d13_l = d_rows_l[:2 * n_long * width].view(n_long, 2, width, d)
         d2_l = d_rows_l[2 * n_long * width:].view(n_long, width, d)
-        d_rows_s = sinks_backward(short, x_slots, dy_slots, (pre_s, s_s, h_s), w13_s, w2_s, gates_s, dx_slots,
-                                  need_table)
+        d_rows_s = None
+        if short:
+            d_rows_s = sinks_backward(short, x_slots, dy_slots, (pre_s, s_s, h_s), w13_s, w2_s, gates_s, dx_slots,
+                                      need_table)
         grad_x = None if dx_slots is None else layout.from_slots(dx_slots)
 
         grad_fc1 = d13_l[:, :, :nb].sum(0).reshape(2 * nb, d)
