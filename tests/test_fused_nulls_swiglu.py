@@ -36,6 +36,7 @@ def run(fn, case, fc1, fc2):
     ([200, 5, 7, 400, 30], False),  # long and short sources in place
     ([5, 9, 30, 30], False),  # short sources only, in place: the backbone added by the sinks' GEMMs
     ([5, 9, 0, 30, 1], True),  # short sources only, permuted
+    ([130, 100, 100, 100], False),  # a long source with less than half the tokens: nothing fused
 ])
 def test_fused_equals_backbone_plus_sinks(sizes, with_perm):
     k, d, n_backbone = 5, 12, 7
@@ -47,6 +48,15 @@ def test_fused_equals_backbone_plus_sinks(sizes, with_perm):
     want = run(backbone_then_sinks, case, fc1, fc2)
     for what, a, b in zip(("output", "grad x", "grad fc1", "grad fc2", "grad table"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {m}")
+
+
+def test_long_sources_are_fused_when_they_hold_half_the_tokens():
+    from kernels.fused_nulls_swiglu import _fuse_from
+
+    assert _fuse_from([0, 4096]) == FUSE_FROM
+    assert _fuse_from([0, 200, 205, 212, 612, 642]) == FUSE_FROM  # 600 of 642 tokens in long sources
+    assert _fuse_from([0, 130, 230, 330, 430]) is None  # 130 of 430
+    assert _fuse_from([0, 64, 128, 192]) is None
 
 
 def test_fused_rejects_inconsistent_shapes():
