@@ -128,7 +128,7 @@ def main() -> None:
     sources = per_gpu / args.doc_tokens + t.micro_batch_rows  # whole documents plus one split per row
     launches = sources * m.num_layers * (6 + 6)  # per source and layer: 2 GEMMs fwd, 4 bwd, ~6 elementwise
     grouped = m.num_layers * 5  # the Triton kernel: 1 launch forward; backward the input and row gradients, a sort, the per-row sum
-    print(f"the per-source sink loop (kernels/grouped_sink_swiglu.py's torch reference): ~{sources:.0f} sources "
+    print(f"a per-source sink loop (the torch reference's first form; it now batches sources of one length): ~{sources:.0f} sources "
           f"per GPU and step (documents of {args.doc_tokens:.0f} tokens) -> ~{launches:,.0f} kernel launches, "
           f"{launches * args.launch_us / 1e3:.0f} ms at {args.launch_us:.0f} us each: more than the step's compute; "
           f"the grouped Triton kernel (the CUDA default): ~{grouped} launches, {grouped * args.launch_us / 1e3:.1f} ms")
