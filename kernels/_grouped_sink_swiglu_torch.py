@@ -6,10 +6,13 @@ are short: 64 groups of 64 tokens take 2.7 ms per GEMM kind as a loop of ``mm`` 
 ``bmm`` (d=256, k=25, 2 cores), the time of one GEMM of the same FLOPs. So groups of one length run
 as one ``bmm``, on a **slot layout**:
 
-- every group gets a run of slots, as long as the group or, for a group shorter than
-  ``EXACT_FROM`` tokens, as long as the next of a few padded lengths (``padded_length``);
+- every group gets a run of slots, as long as the group or, where padding it costs fewer FLOPs than
+  a bucket's calls, as long as the next longer group (``slot_lengths``, by a cost model measured on
+  a 2-core CPU);
 - groups of one slot length sit side by side, a *bucket*, and each bucket is one ``bmm`` per GEMM
-  kind on views; the elementwise steps run once over all slots;
+  kind on views; the elementwise steps run once over all slots. ``fused_nulls_swiglu`` marks the
+  buckets of long groups as fused (backbone and sinks in one GEMM) and uses the functions here
+  (``sinks_forward``, ``sinks_backward``) for both kinds;
 - padding slots hold zeros going in (x) and coming back (the output gradient), so they add nothing
   to any gradient.
 
@@ -35,7 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GroupedSinkSwiGLUTorch", "slot_lengths"]
+__all__ = ["GroupedSinkSwiGLUTorch", "SlotLayout", "slot_lengths", "gather_rows", "slot_gates", "sinks_forward",
+           "sinks_backward", "swiglu_backward", "table_gradient"]
 
 # Costs of the layout choice in FLOP-equivalents, measured on a 2-core CPU (MKL, ~100 GFLOP/s on these
 # shapes): one bucket's calls (six bmm and their views, ~80 us), one element of the four row gathers a
@@ -72,7 +76,7 @@ def slot_lengths(sizes: list[int], k: int, d: int) -> dict[int, int]:
 
 
 @dataclass(frozen=True)
-class _Bucket:
+class Bucket:
     """Groups ``[first_group, first_group + count)`` of the slot order, ``length`` slots each, from
     slot ``first_slot`` on. ``fused`` buckets run the backbone with the sinks (fused_nulls_swiglu.py);
     ``own_slot`` and ``own_group`` place the bucket among the buckets of its kind, in tensors that only
@@ -104,14 +108,14 @@ class _Bucket:
 
 
 @dataclass
-class _Layout:
+class SlotLayout:
     """Where each group's tokens sit for the batched GEMMs: ``order`` holds the non-empty groups in
     slot order, ``slot_group`` the position in ``order`` of each slot's group. ``slot_token`` (token
     row of each slot, pads 0), ``token_slot`` (slot of each token) and ``pad_slots`` are None when
     the slots are the tokens themselves (``direct``)."""
 
     order: torch.Tensor
-    buckets: list[_Bucket]
+    buckets: list[Bucket]
     slot_group: torch.Tensor
     slot_token: torch.Tensor | None = None
     token_slot: torch.Tensor | None = None
@@ -127,7 +131,7 @@ class _Layout:
 
     @classmethod
     def build(cls, offsets: list[int], perm: torch.Tensor | None, k: int, d: int, device: torch.device,
-              fuse_from: int | None = None, fused_width: int = 0) -> "_Layout":
+              fuse_from: int | None = None, fused_width: int = 0) -> "SlotLayout":
         """Groups of ``fuse_from`` tokens or more (when given) go into fused buckets, whose slots cost
         the GEMMs of width ``fused_width``; the others cost the sinks' (``k``)."""
         sizes = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
@@ -169,17 +173,17 @@ class _Layout:
                    (~real).nonzero().squeeze(1))
 
     @staticmethod
-    def _buckets(placed: list[tuple[int, int, int, int]], fused) -> list[_Bucket]:
+    def _buckets(placed: list[tuple[int, int, int, int]], fused) -> list[Bucket]:
         own = {True: [0, 0], False: [0, 0]}  # per kind: slots and groups so far
         buckets = []
         for first_slot, first_group, count, length in placed:
             kind = fused(length)
-            buckets.append(_Bucket(first_slot, first_group, count, length, kind, *own[kind]))
+            buckets.append(Bucket(first_slot, first_group, count, length, kind, *own[kind]))
             own[kind][0] += count * length
             own[kind][1] += count
         return buckets
 
-    def kind(self, fused: bool) -> tuple[list[_Bucket], torch.Tensor]:
+    def kind(self, fused: bool) -> tuple[list[Bucket], torch.Tensor]:
         """The buckets of one kind, and the positions in ``order`` of their groups."""
         buckets = [b for b in self.buckets if b.fused == fused]
         positions = [b.first_group + i for b in buckets for i in range(b.count)]
@@ -221,7 +225,7 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, 
     return lin13, lin2, w13, w2
 
 
-def slot_gates(gates: torch.Tensor, buckets: list[_Bucket]) -> torch.Tensor | None:
+def slot_gates(gates: torch.Tensor, buckets: list[Bucket]) -> torch.Tensor | None:
     """Each slot's gates [S_kind, k] from its group's (``gates`` [U_kind, k] in the kind's group order);
     None when every gate is 1."""
     if bool(gates.eq(1).all()):
@@ -240,7 +244,7 @@ def swiglu_backward(dh: torch.Tensor, pre: torch.Tensor, s: torch.Tensor) -> tor
     return d_ab
 
 
-def sinks_forward(buckets: list[_Bucket], x_slots: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+def sinks_forward(buckets: list[Bucket], x_slots: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   gates: torch.Tensor | None, y_slots: torch.Tensor, base: torch.Tensor | None = None):
     """The sinks of ``buckets`` into their slots of ``y_slots`` (plus ``base`` there, by the down GEMM);
     returns what their backward needs (pre-activations, silu of the gates, activations)."""
@@ -260,7 +264,7 @@ def sinks_forward(buckets: list[_Bucket], x_slots: torch.Tensor, w13: torch.Tens
     return pre, s, h
 
 
-def sinks_backward(buckets: list[_Bucket], x_slots: torch.Tensor, dy_slots: torch.Tensor, saved, w13: torch.Tensor,
+def sinks_backward(buckets: list[Bucket], x_slots: torch.Tensor, dy_slots: torch.Tensor, saved, w13: torch.Tensor,
                    w2: torch.Tensor, gates: torch.Tensor | None, dx_slots: torch.Tensor | None,
                    need_rows: bool) -> torch.Tensor | None:
     """The input gradient of ``buckets`` into their slots of ``dx_slots`` (when given); returns the
@@ -295,7 +299,7 @@ class GroupedSinkSwiGLUTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, table, perm, offsets, row_ids, gates, base, counts, grad_table_into):  # type: ignore[override]
         k, d = row_ids.shape[1], x.shape[1]
-        layout = _Layout.build(offsets, perm, k, d, x.device)
+        layout = SlotLayout.build(offsets, perm, k, d, x.device)
         lin13, lin2, w13, w2 = gather_rows(table, row_ids.index_select(0, layout.order))
         gates = slot_gates(gates.index_select(0, layout.order), layout.buckets)
         x_slots = layout.to_slots(x)
@@ -321,12 +325,12 @@ class GroupedSinkSwiGLUTorch(torch.autograd.Function):
         grad_x = None if dx_slots is None else layout.from_slots(dx_slots)
         grad_table = None
         if d_rows is not None:
-            grad_table = _table_gradient(ctx, torch.cat([lin13.reshape(-1), lin2.reshape(-1)]), d_rows)
+            grad_table = table_gradient(ctx, torch.cat([lin13.reshape(-1), lin2.reshape(-1)]), d_rows)
         grad_base = grad_y if ctx.needs_input_grad[6] else None
         return grad_x, grad_table, None, None, None, None, grad_base, None, None
 
 
-def _table_gradient(ctx, flat_rows: torch.Tensor, d_rows: torch.Tensor) -> torch.Tensor:
+def table_gradient(ctx, flat_rows: torch.Tensor, d_rows: torch.Tensor) -> torch.Tensor:
     """The rows' gradients ``d_rows`` [N, d] added at rows ``flat_rows`` of the table seen as [3 R, d]
     (module docstring: into ``grad_table_into``, as a sparse gradient, or into a dense one)."""
     into, table, shape = ctx.grad_table_into, ctx.table, ctx.table_shape

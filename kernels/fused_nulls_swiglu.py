@@ -9,6 +9,8 @@ section 4 measured the crossover near 256 tokens per source), one GEMM per group
 concatenated weights is faster: the backbone's rows are copied next to every group's sink rows
 (``U x 3 (n_backbone + k) x d`` values), groups of one length run as one ``bmm`` on the slot layout
 of ``_grouped_sink_swiglu_torch``, and the backbone's weight gradients are the sums of the groups'.
+Groups shorter than ``FUSE_FROM`` (and all groups, when the long ones hold less than half the tokens)
+are computed apart: the backbone once over their tokens, their sinks by the reference's functions.
 
 The table gradient takes the reference's three paths (``grad_table_into``, sparse into an existing
 ``.grad``, dense); ``fc1`` and ``fc2`` get dense gradients. Pure torch: the CUDA path keeps the
@@ -19,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._grouped_sink_swiglu_torch import (_Layout, _table_gradient, gather_rows, sinks_backward, sinks_forward, slot_gates,
-                                         swiglu_backward)
+from ._grouped_sink_swiglu_torch import (SlotLayout, gather_rows, sinks_backward, sinks_forward, slot_gates,
+                                         swiglu_backward, table_gradient)
 from .grouped_sink_swiglu import check_groups
 
 __all__ = ["fused_nulls_swiglu", "FUSE_FROM"]
@@ -48,7 +50,7 @@ class _FusedNullsSwiGLU(torch.autograd.Function):
     def forward(ctx, x, fc1, fc2, table, perm, offsets, row_ids, gates, grad_table_into):  # type: ignore[override]
         nb, k, d = fc2.shape[1], row_ids.shape[1], x.shape[1]
         width = nb + k
-        layout = _Layout.build(offsets, perm, k, d, x.device, fuse_from=_fuse_from(offsets), fused_width=width)
+        layout = SlotLayout.build(offsets, perm, k, d, x.device, fuse_from=_fuse_from(offsets), fused_width=width)
         (long, long_groups), (short, short_groups) = layout.kind(True), layout.kind(False)
         rows, gates = row_ids.index_select(0, layout.order), gates.index_select(0, layout.order)
         lin13_l, lin2_l, sink13_l, sink2_l = gather_rows(table, rows.index_select(0, long_groups))
@@ -137,12 +139,12 @@ class _FusedNullsSwiGLU(torch.autograd.Function):
             parts = ([d13_l[:, :, nb:].reshape(-1, d), d2_l[:, nb:].reshape(-1, d)] if long else []) + \
                 ([d_rows_s] if short else [])
             d_rows = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else w2_l.new_empty(0, d)
-            grad_table = _table_gradient(ctx, flat_rows, d_rows)
+            grad_table = table_gradient(ctx, flat_rows, d_rows)
         return (grad_x, grad_fc1 if need_fc1 else None, grad_fc2.contiguous() if need_fc2 else None, grad_table,
                 None, None, None, None, None)
 
 
-def _tokens_of(positions: torch.Tensor, layout: _Layout, offsets: list[int], perm: torch.Tensor | None) -> torch.Tensor:
+def _tokens_of(positions: torch.Tensor, layout: SlotLayout, offsets: list[int], perm: torch.Tensor | None) -> torch.Tensor:
     """The token rows of the groups at ``positions`` of the layout's order."""
     groups = layout.order.index_select(0, positions).tolist()
     lengths = torch.tensor([offsets[u + 1] - offsets[u] for u in groups], dtype=torch.long, device=positions.device)

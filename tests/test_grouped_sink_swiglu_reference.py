@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._grouped_sink_swiglu_torch import _Layout, slot_lengths
+from kernels._grouped_sink_swiglu_torch import SlotLayout, slot_lengths
 from kernels.grouped_sink_swiglu import grouped_sink_swiglu
 
 
@@ -63,7 +63,7 @@ CASES = {
 def test_every_layout_matches_the_per_group_definition(name):
     sizes, with_perm, k, d = CASES[name]
     case = layout_case(sizes, with_perm, k, d)
-    layout = _Layout.build(case["offsets"], case["perm"], k, d, torch.device("cpu"))
+    layout = SlotLayout.build(case["offsets"], case["perm"], k, d, torch.device("cpu"))
     expect_direct = not with_perm and "padded slots" not in name
     assert layout.direct == expect_direct
     got = run(grouped_sink_swiglu, case)
@@ -76,7 +76,7 @@ def test_slot_layout_places_every_token_once_and_pads_with_zeros():
     sizes = [1, 3, 17, 2, 9, 30, 0, 5, 5, 12, 64, 7, 1, 40, 22]
     offsets = [0] + torch.tensor(sizes).cumsum(0).tolist()
     perm = torch.randperm(offsets[-1], generator=torch.Generator().manual_seed(1))
-    layout = _Layout.build(offsets, perm, 4, 24, torch.device("cpu"))
+    layout = SlotLayout.build(offsets, perm, 4, 24, torch.device("cpu"))
     assert not layout.direct and len(layout.buckets) < len([n for n in sizes if n])
     n_tokens = offsets[-1]
     assert layout.n_slots == n_tokens + layout.pad_slots.numel()
