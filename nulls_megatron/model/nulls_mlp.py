@@ -134,8 +134,8 @@ class NullsMegatronMLP(MegatronModule):
         routing = self.routing_context.current()
         hidden = hidden_states.shape[-1]
         if self.tensor_parallel_size == 1:
-            # One SwiGLU per source over the backbone's and the source's sink rows, on the CPU where that
-            # is faster (SinkTable.forward_with_backbone); the linears' weights are read, their forward skipped.
+            # On the CPU the whole MLP runs in one function (SinkTable.forward_with_backbone: long sources as
+            # one SwiGLU over the backbone's and their sink rows); the linears' weights are read, their forward skipped.
             fused = self.sinks.forward_with_backbone(hidden_states.reshape(-1, hidden), routing,
                                                      self.linear_fc1.weight, self.linear_fc2.weight)
             if fused is not None:
