@@ -13,6 +13,7 @@ upgrade re-reads this list):
 | ``in_process_write_queue()``: the writers' results queue, and writers that die with their trainer | a ``multiprocessing`` Manager per save costs ~8 s on 2 cores; a SIGKILLed trainer left its forked writers running | backbone saves |
 | ``quiet_torch_dcp_deprecations()`` | torch 2.13 deprecates the DCP API megatron-core 0.16 loads through, three FutureWarnings a rank per load | backbone loads |
 | ``quiet_unknown_mlp_notice()`` | Megatron logs "Unknown MLP type" for every layer whose MLP is not its own: expected for the NULLs MLP | model building |
+| ``deferred_torch_compile()``: ``torch.compile`` of a function compiles at its first call, not when it is decorated | megatron-core decorates its fusions with ``torch.compile`` at import, which imports TorchDynamo and Inductor: ~2 s of every process's start on 2 cores, for fusions the CPU configuration never calls; CPU only | the import of megatron-core (``nulls_megatron.megatron_import``, installed by ``import nulls_megatron``) |
 | ``skip_deepspeed_shm_build()`` | DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce (174 s on 2 cores) used only for inference | the DeepSpeed engine, CPU only |
 
 ``cpu_transformer_config_overrides()`` gives the ``TransformerConfig`` kwargs CPU needs, and
@@ -22,7 +23,9 @@ docs/megatron_cpu.md explains the CPU patches and what stays unsupported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import inspect
 import logging
 import os
 import queue
@@ -405,3 +408,37 @@ def skip_deepspeed_shm_build() -> None:
         return
     comm_torch = importlib.import_module("deepspeed.comm.torch")
     comm_torch.build_shm_op = lambda: None
+
+
+@contextlib.contextmanager
+def deferred_torch_compile() -> Iterator[None]:
+    """While active, ``torch.compile(fn)`` of a plain function returns a wrapper that compiles on its
+    first call instead of at once. Megatron-core decorates its fusion functions with ``torch.compile``
+    when its modules are imported; the call itself imports TorchDynamo and Inductor, ~2 s of every
+    process's ~5 s import of megatron-core on 2 cores, for functions the CPU configuration never calls
+    (``cpu_transformer_config_overrides`` turns the fusions off). ``torch.compile`` compiles lazily
+    anyway, at the first call, so a deferred function behaves the same when it is called. Applied by
+    ``nulls_megatron.megatron_import`` around the import of megatron-core, CPU only."""
+    real = torch.compile
+
+    def compile_on_first_call(model=None, **options):
+        if model is None:  # the decorator-factory form, torch.compile(**options)(fn)
+            return lambda fn: compile_on_first_call(fn, **options)
+        if not inspect.isfunction(model):  # modules and other callables: as torch.compile would
+            return real(model, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **options)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    torch.compile = compile_on_first_call
+    try:
+        yield
+    finally:
+        torch.compile = real

@@ -330,3 +330,56 @@ def test_env_detection(monkeypatch):
     assert first_slurm_host("rack[1-2]-n[01-02],other") == "rack1-n01"
     with pytest.raises(ValueError, match="cannot parse"):
         first_slurm_host("node[1-2")
+
+
+def test_megatron_core_imports_without_dynamo_and_its_deferred_fusions_still_compile():
+    """`import nulls_megatron` defers megatron-core's torch.compile decorations (compat.deferred_torch_compile):
+    a fresh process imports it without TorchDynamo and Inductor, with the package's own loader in place,
+    and a deferred fusion compiles at its first call and computes what the eager function does."""
+    import subprocess
+
+    probe = (
+        "import sys, torch, nulls_megatron, megatron.core\n"
+        "import megatron.core.jit as jit\n"
+        "from nulls_megatron.megatron_import import _FINDER\n"
+        "print('dynamo' if 'torch._dynamo' in sys.modules else 'no-dynamo',\n"
+        "      'inductor' if 'torch._inductor' in sys.modules else 'no-inductor',\n"
+        "      'deferred' if jit.jit_fuser is not torch.compile else 'eager-compile',\n"
+        "      type(megatron.core.__loader__).__name__, type(megatron.core.__spec__.loader).__name__,\n"
+        "      'finder-gone' if _FINDER not in sys.meta_path else 'finder-left')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["no-dynamo", "no-inductor", "deferred", "SourceFileLoader", "SourceFileLoader",
+                                  "finder-gone"], out.stdout
+
+    from nulls_megatron.compat import deferred_torch_compile
+
+    def gated(y):
+        a, b = y.chunk(2, dim=-1)
+        return torch.nn.functional.silu(a) * b
+
+    real = torch.compile
+    with deferred_torch_compile():
+        assert torch.compile is not real
+        deferred = torch.compile(gated, backend="eager")
+        factory_form = torch.compile(backend="eager")(gated)
+        module = torch.compile(torch.nn.Linear(2, 2), backend="eager")
+    assert torch.compile is real, "torch.compile restored on leaving"
+    assert deferred.__name__ == "gated" and isinstance(module, torch.nn.Module)
+    y = torch.randn(3, 8)
+    torch.testing.assert_close(deferred(y), gated(y), rtol=0, atol=0)
+    torch.testing.assert_close(factory_form(y), gated(y), rtol=0, atol=0)
+    from torch._dynamo.utils import counters
+
+    assert counters["frames"]["ok"] >= 1, "the deferred function went through TorchDynamo"
+
+
+def test_the_import_finder_steps_aside_once_megatron_core_is_imported():
+    import megatron.core  # noqa: F401
+
+    from nulls_megatron import megatron_import
+
+    megatron_import.install()
+    assert megatron_import._FINDER not in sys.meta_path, "nothing to defer once megatron-core is imported"
