@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 import yaml
 
@@ -60,8 +61,6 @@ def cmd_sinks(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from data_prep.config import load_prep_config
     from data_prep.pipeline import run_prep
 
@@ -99,6 +98,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     cfg = load_config(args.config, args.overrides)
+    if "WORLD_SIZE" not in os.environ and not args.resume_from:
+        # A finished run is told so before any process starts or Megatron is imported (~10 s for two ranks).
+        from .checkpoint.train_state import CHECKPOINTS, finished_checkpoint, finished_message
+
+        finished = finished_checkpoint(Path(cfg.train.run_dir) / CHECKPOINTS, cfg.train.steps)
+        if finished is not None:
+            print(finished_message(*finished, cfg.train.steps), flush=True)
+            return 0
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # One machine, several processes: hand over to torchrun, which calls this command on every rank.
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",

@@ -255,7 +255,7 @@ def test_tensor_and_pipeline_parallel_on_4_ranks_resumed_in_another_layout(prep,
     assert last["rest"] == pytest.approx(last["whole"][2:], abs=2e-5)
 
 
-def test_nulls_train_command_with_two_processes(prep, tmp_path):
+def test_nulls_train_command_with_two_processes(prep, tmp_path, monkeypatch, capsys):
     """The user-facing command: `nulls train --config x.yaml --nproc 2 --set ...` (torchrun underneath)."""
     import subprocess
     import sys
@@ -272,6 +272,37 @@ def test_nulls_train_command_with_two_processes(prep, tmp_path):
     assert "step 2/2 (100.0%) | loss " in out.stdout and " tok/s | elapsed " in out.stdout and "ETA" in out.stdout
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000000002"
     assert not (tmp_path / "run" / "mlflow.db").exists(), "tracking.enabled=false writes no MLflow store"
+    # Rerun: finished, said before any process is launched (torchrun would replace this one by execv).
+    from nulls_megatron import cli
+
+    def no_launch(*argv):
+        raise AssertionError(f"a finished run launched processes: {argv}")
+
+    monkeypatch.setattr(os, "execv", no_launch)
+    assert cli.main(["train", "--config", str(config), "--nproc", "2", "--set", "tracking.enabled=false"]) == 0
+    assert f"run already finished: step 2 of 2, checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-000000002'}" \
+        in capsys.readouterr().out
     bad = subprocess.run([str(nulls), "train", "--config", str(config), "--set", "train.global_batch_rows=3"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train.global_batch_rows" in bad.stderr and "tiny.yaml" in bad.stderr
+
+
+def test_a_run_is_finished_only_when_latest_has_reached_its_steps(tmp_path):
+    from nulls_megatron.checkpoint.train_state import TRAIN_STATE_FORMAT, finished_checkpoint, finished_message
+
+    root = tmp_path / "checkpoints"
+    assert finished_checkpoint(root, 4) is None, "no run yet"
+    step = root / "step-000000004"
+    step.mkdir(parents=True)
+    (root / "latest").write_text("step-000000004\n")
+    assert finished_checkpoint(root, 4) is None, "no train state: the trainer reports the damage"
+    (step / "train_state.json").write_text(json.dumps({"format": TRAIN_STATE_FORMAT, "step": 4, "loss": 2.5}))
+    assert finished_checkpoint(root, 5) is None, "more steps to go"
+    checkpoint, state = finished_checkpoint(root, 4)
+    assert checkpoint == step and finished_message(checkpoint, state, 4) == (
+        f"run already finished: step 4 of 4, checkpoint {step}, last loss 2.5000 (raise train.steps to train further)")
+    (root / "step-000000004-unlearn-001").mkdir()
+    assert finished_checkpoint(root, 4) is None, "a version newer than latest: the trainer decides"
+    (root / "step-000000004-unlearn-001").rmdir()
+    (root / "latest").write_text("step-000000009\n")
+    assert finished_checkpoint(root, 4) is None, "latest names a missing checkpoint: the trainer refuses it"

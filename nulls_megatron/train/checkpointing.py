@@ -33,7 +33,7 @@ from ..checkpoint.atomic import (atomic_dir, atomic_file, checkpoint_name, clean
                                 read_latest, roll_back, update_latest)
 from ..checkpoint.digests import (CheckpointCorruptError, checkpoint_files, hash_share, nearest_good, read_digests,
                                   verify_share, write_digests)
-from ..checkpoint.json_files import read_versioned_json
+from ..checkpoint.train_state import CHECKPOINTS, TRAIN_STATE, TRAIN_STATE_FORMAT, read_train_state
 from ..checkpoint.backbone import load_backbone, save_backbone
 from ..checkpoint.sinks import (SourceState, load_sink_tables, read_sink_manifest, source_state, table_key,
                                 write_sink_files, write_sink_manifest)
@@ -45,9 +45,6 @@ from .prefetch import PrefetchLoader
 
 logger = logging.getLogger(__name__)
 
-TRAIN_STATE = "train_state.json"
-TRAIN_STATE_FORMAT = "nulls-train-state-1"
-CHECKPOINTS = "checkpoints"
 
 
 def checkpoint_root(cfg: Config) -> Path:
@@ -152,11 +149,6 @@ def _train_state(cfg: Config, step: int, engine: Engine, tokens: int, loader_sta
                      "data": parallel_state.get_data_parallel_world_size()},
         "loaders": [loaders[r] for r in sorted(loaders)],
     }
-
-
-def read_train_state(path: Path) -> dict:
-    return read_versioned_json(path / TRAIN_STATE, TRAIN_STATE_FORMAT,
-                               missing=f"missing; {path} is not a complete training checkpoint")
 
 
 def latest_checkpoint(cfg: Config) -> Path | None:

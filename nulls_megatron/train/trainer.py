@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 
 from ..checkpoint.provenance import describe_sources_manifest
 from ..checkpoint.sinks import SourceState, read_sink_manifest, source_state
+from ..checkpoint.train_state import finished_message
 from ..config import Config, ConfigError, EngineName
 from ..model.gpt import build_nulls_gpt, train_routing_plan
 from ..process_groups import init_model_parallel
@@ -165,8 +166,7 @@ def _finished(resumed: Path, total: int, rank: int) -> TrainResult:
     state = read_train_state(resumed)
     loss = state.get("loss")
     if rank == 0:
-        print(f"run already finished: step {state['step']} of {total}, checkpoint {resumed}"
-              + (f", last loss {loss:.4f}" if loss is not None else "") + " (raise train.steps to train further)", flush=True)
+        print(finished_message(resumed, state, total), flush=True)
     return TrainResult(steps_run=0, final_step=int(state["step"]), losses=[], resumed_from=str(resumed),
                        checkpoint=str(resumed), last_loss=loss)
 
