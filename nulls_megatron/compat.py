@@ -13,7 +13,7 @@ upgrade re-reads this list):
 | ``in_process_write_queue()``: the writers' results queue, and writers that die with their trainer | a ``multiprocessing`` Manager per save costs ~8 s on 2 cores; a SIGKILLed trainer left its forked writers running | backbone saves |
 | ``quiet_torch_dcp_deprecations()`` | torch 2.13 deprecates the DCP API megatron-core 0.16 loads through, three FutureWarnings a rank per load | backbone loads |
 | ``quiet_unknown_mlp_notice()`` | Megatron logs "Unknown MLP type" for every layer whose MLP is not its own: expected for the NULLs MLP | model building |
-| ``deferred_torch_compile()``: ``torch.compile`` of a function compiles at its first call, not when it is decorated | megatron-core decorates its fusions with ``torch.compile`` at import, which imports TorchDynamo and Inductor: ~2 s of every process's start on 2 cores, for fusions the CPU configuration never calls; CPU only | the import of megatron-core (``nulls_megatron.megatron_import``, installed by ``import nulls_megatron``) |
+| ``deferred_torch_compile()``: ``torch.compile`` of a function compiles at its first call, not when it is decorated | megatron-core decorates its fusions with ``torch.compile`` at import, which imports TorchDynamo and Inductor: ~2 s of a process's start on 2 cores (Inductor's ~1 s of it in a training process), for fusions the CPU configuration never calls; CPU only | the import of megatron-core (``nulls_megatron.megatron_import``, installed by ``import nulls_megatron``) |
 | ``skip_deepspeed_shm_build()`` | DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce (174 s on 2 cores) used only for inference | the DeepSpeed engine, CPU only |
 
 ``cpu_transformer_config_overrides()`` gives the ``TransformerConfig`` kwargs CPU needs, and
@@ -414,8 +414,9 @@ def skip_deepspeed_shm_build() -> None:
 def deferred_torch_compile() -> Iterator[None]:
     """While active, ``torch.compile(fn)`` of a plain function returns a wrapper that compiles on its
     first call instead of at once. Megatron-core decorates its fusion functions with ``torch.compile``
-    when its modules are imported; the call itself imports TorchDynamo and Inductor, ~2 s of every
-    process's ~5 s import of megatron-core on 2 cores, for functions the CPU configuration never calls
+    when its modules are imported; the call itself imports TorchDynamo and Inductor, ~2 s of a
+    process's ~5 s import of megatron-core on 2 cores (TorchDynamo's ~0.8 s comes back in a process that
+    builds a torch optimizer), for functions the CPU configuration never calls
     (``cpu_transformer_config_overrides`` turns the fusions off). ``torch.compile`` compiles lazily
     anyway, at the first call, so a deferred function behaves the same when it is called. Applied by
     ``nulls_megatron.megatron_import`` around the import of megatron-core, CPU only."""
