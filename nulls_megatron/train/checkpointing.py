@@ -46,7 +46,6 @@ from .prefetch import PrefetchLoader
 logger = logging.getLogger(__name__)
 
 
-
 def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.train.run_dir) / CHECKPOINTS
 
