@@ -13,9 +13,9 @@ from pathlib import Path
 from ..checkpoint.atomic import LATEST, checkpoint_version, read_latest, version_name
 from ..checkpoint.sinks import (MANIFEST, SINKS_DIR, SinkCheckpointError, SourceState, read_sink_manifest,
                                 sha256_file, source_state)
+from ..checkpoint.train_state import TRAIN_STATE
 from ..sinks.assignment import Assignment, assignment_from_dict
 
-TRAIN_STATE = "train_state.json"
 RECEIPTS_DIR = "receipts"
 
 
