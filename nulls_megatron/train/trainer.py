@@ -162,8 +162,7 @@ def _check_finite(step: int, loss: float, grad_norm: float) -> None:
                              "before saving: the checkpoints on disk are the last good state")
 
 
-def _finished(resumed: Path, total: int, rank: int) -> TrainResult:
-    state = read_train_state(resumed)
+def _finished(resumed: Path, state: dict, total: int, rank: int) -> TrainResult:
     loss = state.get("loss")
     if rank == 0:
         print(finished_message(resumed, state, total), flush=True)
@@ -312,8 +311,9 @@ def train(cfg: Config, config_path: str | None = None, stop_after: int | None = 
     init_model_parallel(cfg.parallel, cfg.seed)
     # `latest` only ever names a complete checkpoint, so it can be read before the debris of killed saves is cleaned.
     resumed = resume_point(cfg, resume_from)
-    if resumed is not None and int(read_train_state(resumed)["step"]) >= cfg.train.steps:
-        return _finished(resumed, cfg.train.steps, dist.get_rank())
+    state = read_train_state(resumed) if resumed is not None else None
+    if state is not None and int(state["step"]) >= cfg.train.steps:
+        return _finished(resumed, state, cfg.train.steps, dist.get_rank())
     run = build(cfg, resumed)
     t = cfg.train
     end = t.steps if stop_after is None else min(t.steps, run.start + stop_after)
